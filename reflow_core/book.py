@@ -1,0 +1,617 @@
+"""The book runner: execute the chapter notebooks with papermill, keep the results per scale, build the HTML.
+
+Why it is shaped this way (see ``DESIGN.md``, "Results of record" and "The book"):
+
+* **Only papermill executes.** ``_config.yml`` says ``execute_notebooks: off``; the book shows exactly the
+  notebooks this module ran and stored, never a silent re-execution by Sphinx.
+* **Results are kept per scale** under ``results/<scale>/`` (executed notebooks, figures, data, ``RUN.json``), so
+  a laptop ``smoke`` run never clobbers a ``small`` run made on a GPU, and the book can be rebuilt from any stored
+  scale without retraining (``run_book(..., execute=False)``).
+* **Figures of record** live in the top-level ``figures/`` and come from the largest scale that has run
+  (:func:`promote_figures`); ``figures/RECORD.json`` says which.
+* **The HTML is built from a staging copy** (config, TOC, prose pages, executed notebooks, that scale's figures),
+  so the source notebooks in ``notebooks/`` stay clean (no outputs in git) and the build cannot see results of a
+  different scale.
+
+Nothing heavy is imported at module level: ``python -m reflow_core --help`` stays fast, and papermill is only
+needed when notebooks are executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+SCALES: tuple[str, ...] = ("test", "smoke", "small", "paper")
+"""The papermill ``scale`` values, smallest first. Their order is the order of precedence for figures of record."""
+
+RECORD_FILE = "RECORD.json"
+RUN_FILE = "RUN.json"
+_FIGURE_SUFFIXES = (".png", ".svg")
+
+
+class BookError(RuntimeError):
+    """A book step failed; the message says which step and what to do."""
+
+
+class NotebookExecutionError(BookError):
+    """A chapter notebook raised while papermill executed it.
+
+    ``notebook`` is the chapter's name (file stem), ``executed_path`` the partially executed copy (it shows the
+    failing cell and its traceback), ``__cause__`` papermill's ``PapermillExecutionError``.
+    """
+
+    def __init__(self, message: str, *, notebook: str, executed_path: Path):
+        super().__init__(message)
+        self.notebook = notebook
+        self.executed_path = executed_path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scales and paths
+
+
+def scale_rank(scale: str) -> int:
+    """Position of ``scale`` in :data:`SCALES` (``test`` = 0 … ``paper`` = 3); raises ``ValueError`` if unknown."""
+    try:
+        return SCALES.index(scale)
+    except ValueError:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}") from None
+
+
+def find_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The nearest directory at or above ``start`` (default: the working directory) that holds ``_toc.yml``.
+
+    Falls back to the checkout this package was imported from. Notebooks run with ``cwd=notebooks/``, so this
+    finds the repository from inside a kernel as well as from a shell.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "_toc.yml").is_file():
+            return candidate
+    package_root = Path(__file__).resolve().parent.parent
+    if (package_root / "_toc.yml").is_file():
+        return package_root
+    raise BookError(f"no _toc.yml found at or above {here} (nor next to the reflow_core package)")
+
+
+def resolve_results_dir(results_dir: str | os.PathLike | None, scale: str,
+                        repo_root: str | os.PathLike | None = None) -> Path:
+    """The results folder a notebook writes to: ``results_dir`` if given, else ``<repo>/results/<scale>``.
+
+    Notebooks call this on their ``results_dir`` parameter, which is ``""`` when they are opened by hand and an
+    absolute path when the runner injects it.
+    """
+    scale_rank(scale)
+    if results_dir:
+        return Path(results_dir).resolve()
+    return find_repo_root(repo_root) / "results" / scale
+
+
+def _results_dir(scale: str, repo_root: Path, results_dir: str | os.PathLike | None) -> Path:
+    return Path(results_dir).resolve() if results_dir else repo_root / "results" / scale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the table of contents
+
+
+def toc_entries(repo_root: str | os.PathLike) -> list[str]:
+    """Every ``file:`` entry of ``_toc.yml`` (root first), in reading order, as written (usually no suffix)."""
+    import yaml  # a jupyter-book dependency
+
+    toc_path = Path(repo_root) / "_toc.yml"
+    if not toc_path.is_file():
+        raise BookError(f"{toc_path} not found")
+    toc = yaml.safe_load(toc_path.read_text(encoding="utf8")) or {}
+    files: list[str] = []
+    if toc.get("root"):
+        files.append(str(toc["root"]))
+
+    def walk(entries: Iterable[Any]) -> None:
+        for entry in entries or ():
+            if not isinstance(entry, dict):
+                continue
+            if entry.get("file"):
+                files.append(str(entry["file"]))
+            for key in ("parts", "chapters", "sections"):
+                walk(entry.get(key))
+
+    for key in ("parts", "chapters", "sections"):
+        walk(toc.get(key))
+    return files
+
+
+def _resolve_toc_entry(repo_root: Path, entry: str) -> Path:
+    path = repo_root / entry
+    if path.suffix in (".ipynb", ".md") and path.is_file():
+        return path
+    for suffix in (".ipynb", ".md"):
+        if path.with_suffix(suffix).is_file():
+            return path.with_suffix(suffix)
+    raise BookError(f"_toc.yml lists {entry!r} but neither {entry}.ipynb nor {entry}.md exists under {repo_root}")
+
+
+def toc_notebooks(repo_root: str | os.PathLike) -> list[Path]:
+    """The ``.ipynb`` chapters of the book, as absolute paths, in ``_toc.yml`` order (markdown pages left out).
+
+    A TOC entry whose file is missing is an error: the build would fail on it later anyway, with a vaguer message.
+    Chapter names (file stems) must be unique, because executed copies are stored flat in
+    ``results/<scale>/notebooks/<stem>.ipynb``.
+    """
+    repo_root = Path(repo_root).resolve()
+    notebooks = [p for p in (_resolve_toc_entry(repo_root, e) for e in toc_entries(repo_root)) if p.suffix == ".ipynb"]
+    stems = [p.stem for p in notebooks]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise BookError(f"notebook names must be unique across the book; repeated: {', '.join(duplicates)}")
+    return notebooks
+
+
+def _runs_after_all(notebook: Path) -> bool:
+    """True if the notebook's metadata asks to run after every other chapter (e.g. the scorecard)."""
+    meta = json.loads(notebook.read_text(encoding="utf8")).get("metadata", {})
+    return bool(meta.get("reflow", {}).get("run_after_all", False))
+
+
+def _select(notebooks: list[Path], only: Sequence[str] | None) -> list[Path]:
+    if not only:
+        return notebooks
+    wanted = {Path(n).stem for n in only}
+    known = {p.stem for p in notebooks}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise BookError(f"--only names not in _toc.yml: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return [p for p in notebooks if p.stem in wanted]
+
+
+def execution_order(notebooks: Sequence[Path]) -> list[Path]:
+    """TOC order, except that notebooks marked ``{"reflow": {"run_after_all": true}}`` go last (in TOC order)."""
+    first = [p for p in notebooks if not _runs_after_all(p)]
+    last = [p for p in notebooks if _runs_after_all(p)]
+    return first + last
+
+
+# --------------------------------------------------------------------------------------------------------------
+# execution
+
+
+def _git_commit(repo_root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    commit = out.stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root,
+                           capture_output=True, text=True, timeout=30)
+    return commit + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically, so a crash never leaves a half-written record behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf8"))
+    except FileNotFoundError:
+        return {}
+
+
+def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: str | os.PathLike | None = None,
+                      only: Sequence[str] | None = None, parameters: dict | None = None,
+                      log_output: bool = True, progress_bar: bool = False) -> dict:
+    """Run the book's notebooks with papermill at ``scale``; return the run record (also written to ``RUN.json``).
+
+    Each TOC notebook ``src`` is executed into ``<results_dir>/notebooks/<src.stem>.ipynb`` with the parameters
+    ``scale``, ``results_dir`` (absolute) and any extra ``parameters``, the kernel ``python3`` and its own folder
+    as working directory. ``only`` restricts the run to some chapters (names are file stems); the other chapters'
+    entries in an existing ``RUN.json`` are kept, so the record describes every stored notebook.
+
+    The repository root is put on the kernel's ``PYTHONPATH``, so notebooks import this checkout's
+    ``reflow_core`` even when the package is not installed.
+
+    ``RUN.json`` holds the scale, start date, device, git commit (``-dirty`` if tracked files changed), and per
+    chapter its status and wall seconds; ``run_seconds`` is this invocation's wall time, ``total_seconds`` the sum
+    over every stored chapter. On a failing cell, ``RUN.json`` is written with what ran so far (the failed chapter
+    marked ``"failed"``) and a :class:`NotebookExecutionError` naming the chapter and the executed copy (which shows
+    the traceback) is raised.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    scale_rank(scale)
+    repo_root = Path(repo_root).resolve()
+    results = _results_dir(scale, repo_root, results_dir)
+    out_dir = results / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = execution_order(_select(toc_notebooks(repo_root), only))
+
+    run_path = results / RUN_FILE
+    previous = _read_json(run_path)
+    kept = previous.get("notebooks", {}) if previous.get("scale") == scale else {}
+    record: dict[str, Any] = {
+        "scale": scale,
+        "date": _now(),
+        "device": _device(repo_root),
+        "commit": _git_commit(repo_root),
+        "python": sys.version.split()[0],
+        "only": list(only) if only else None,
+        "notebooks": {name: entry for name, entry in kept.items() if name not in {p.stem for p in chosen}},
+        "run_seconds": 0.0,
+        "total_seconds": 0.0,
+    }
+
+    def finish() -> None:
+        record["run_seconds"] = round(time.perf_counter() - started, 2)
+        record["total_seconds"] = round(sum(e.get("seconds", 0.0) for e in record["notebooks"].values()), 2)
+        _write_json(run_path, record)
+
+    env_backup = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env_backup]))
+    started = time.perf_counter()
+    try:
+        for src in chosen:
+            dst = out_dir / f"{src.stem}.ipynb"
+            params = {"scale": scale, "results_dir": str(results), **(parameters or {})}
+            print(f"[book] {scale}: executing {src.relative_to(repo_root)} -> {dst}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                papermill.execute_notebook(
+                    str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(src.parent),
+                    progress_bar=progress_bar, log_output=log_output,
+                )
+            except PapermillExecutionError as exc:
+                seconds = round(time.perf_counter() - t0, 2)
+                record["notebooks"][src.stem] = {"status": "failed", "seconds": seconds, "finished": _now(),
+                                                 "error": f"{exc.ename}: {exc.evalue}", "cell": exc.exec_count}
+                finish()
+                raise NotebookExecutionError(
+                    f"notebook {src.stem!r} failed at scale {scale!r} in cell [{exc.exec_count}]: "
+                    f"{exc.ename}: {exc.evalue}\n  executed copy with the traceback: {dst}\n  run record: {run_path}",
+                    notebook=src.stem, executed_path=dst,
+                ) from exc
+            seconds = round(time.perf_counter() - t0, 2)
+            record["notebooks"][src.stem] = {"status": "ok", "seconds": seconds, "finished": _now()}
+            print(f"[book] {scale}: {src.stem} done in {seconds:.1f} s", flush=True)
+            finish()
+    finally:
+        if env_backup is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = env_backup
+    finish()
+    return record
+
+
+def _device(repo_root: Path) -> str:
+    """The device the notebooks will see, asked in a child process.
+
+    Asking in-process would import torch into the runner and, on a GPU machine, initialise CUDA in a process
+    that then idles for the whole run while the notebooks' kernels need the memory.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])))
+    try:
+        code = "from reflow_core.figures import device_description as d; print(d())"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                             cwd=repo_root)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# figures of record
+
+
+def promote_figures(scale: str, *, repo_root: str | os.PathLike, results_dir: str | os.PathLike | None = None) -> bool:
+    """Copy ``results/<scale>/figures/*`` into the top-level ``figures/`` if ``scale`` may replace the record.
+
+    Rules: ``test`` never promotes; otherwise promotion happens only when ``scale`` ranks at least as high as the
+    scale in ``figures/RECORD.json`` (so ``smoke`` never overwrites ``small``, and a rerun at the same scale
+    refreshes it). Figures of record not produced by this run (e.g. after ``--only``) stay, and ``RECORD.json``
+    keeps, per file, the scale and date it came from. Returns whether anything was promoted.
+    """
+    rank = scale_rank(scale)
+    repo_root = Path(repo_root).resolve()
+    if scale == "test":
+        return False
+    results = _results_dir(scale, repo_root, results_dir)
+    src_dir = results / "figures"
+    new = sorted(p for p in src_dir.glob("fig-*") if p.suffix in _FIGURE_SUFFIXES) if src_dir.is_dir() else []
+    if not new:
+        return False
+    dest = repo_root / "figures"
+    record_path = dest / RECORD_FILE
+    record = _read_json(record_path)
+    if record.get("scale") in SCALES and scale_rank(record["scale"]) > rank:
+        print(f"[book] figures/ keeps the {record['scale']} record ({record.get('date')}); "
+              f"{scale} figures stay in {src_dir}", flush=True)
+        return False
+    run = _read_json(results / RUN_FILE)
+    date = run.get("date") or _now()
+    dest.mkdir(parents=True, exist_ok=True)
+    files = record.get("figures", {}) if record.get("scale") in SCALES else {}
+    for path in new:
+        shutil.copy2(path, dest / path.name)
+        files[path.name] = {"scale": scale, "date": date}
+    record = {
+        "scale": scale,
+        "date": date,
+        "device": run.get("device"),
+        "commit": run.get("commit"),
+        "source": f"results/{scale}/figures",
+        "figures": dict(sorted(files.items())),
+    }
+    _write_json(record_path, record)
+    print(f"[book] promoted {len(new)} figure files from {scale} into figures/", flush=True)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# staging and building
+
+
+def stage_book(scale: str, *, repo_root: str | os.PathLike, stage_dir: str | os.PathLike,
+               results_dir: str | os.PathLike | None = None, allow_missing: bool = False) -> Path:
+    """Assemble a buildable book from stored results at ``scale`` in ``stage_dir`` (emptied first); return it.
+
+    The stage holds ``_config.yml``, ``_toc.yml``, ``book/`` (prose, bibliography, static assets), each TOC
+    notebook's *executed* copy from ``results/<scale>/notebooks/`` placed at the notebook's TOC path, and that
+    scale's figures as ``figures/`` (so a page may link ``../figures/fig-….png``). A notebook with no executed
+    copy is an error, unless ``allow_missing``: then that chapter is left out of the staged ``_toc.yml`` (with a
+    warning). Staging it unexecuted instead would fail the strict build on its missing glue keys, and a chapter
+    without its numbers is not worth showing.
+    """
+    scale_rank(scale)
+    repo_root = Path(repo_root).resolve()
+    stage = Path(stage_dir).resolve()
+    results = _results_dir(scale, repo_root, results_dir)
+    if stage == repo_root or repo_root.is_relative_to(stage):
+        raise BookError(f"refusing to stage into {stage}: it contains the repository")
+    notebooks = toc_notebooks(repo_root)
+    missing = [src for src in notebooks if not (results / "notebooks" / f"{src.stem}.ipynb").is_file()]
+    if missing and not allow_missing:
+        raise BookError(
+            f"no executed notebooks at scale {scale!r} for: {', '.join(p.stem for p in missing)} "
+            f"(looked in {results / 'notebooks'}).\n"
+            f"  Produce them with `python -m reflow_core book --scale {scale}` on a machine that can run that scale,\n"
+            f"  or copy results/{scale}/ from where it ran."
+        )
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    shutil.copy2(repo_root / "_config.yml", stage / "_config.yml")
+    shutil.copytree(repo_root / "book", stage / "book",
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "_build"))
+    for src in notebooks:
+        if src in missing:
+            continue
+        target = stage / src.relative_to(repo_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _stage_notebook(results / "notebooks" / f"{src.stem}.ipynb", target)
+    if missing:
+        _write_pruned_toc(repo_root, stage, {p.relative_to(repo_root).with_suffix("").as_posix() for p in missing})
+        for src in missing:
+            print(f"[book] warning: {src.stem} has no executed copy at scale {scale}; left out of this build",
+                  flush=True)
+    else:
+        shutil.copy2(repo_root / "_toc.yml", stage / "_toc.yml")
+    figures = results / "figures"
+    if figures.is_dir():
+        shutil.copytree(figures, stage / "figures")
+    return stage
+
+
+def _write_pruned_toc(repo_root: Path, stage: Path, drop: set[str]) -> None:
+    """Write ``stage/_toc.yml`` without the entries in ``drop`` (paths without suffix); their sections move up."""
+    import yaml
+
+    toc = yaml.safe_load((repo_root / "_toc.yml").read_text(encoding="utf8"))
+
+    def key(entry: dict) -> str:
+        file = str(entry["file"])
+        return file.removesuffix(".ipynb")
+
+    def prune(entries: list | None) -> list:
+        kept = []
+        for entry in entries or []:
+            if not isinstance(entry, dict):
+                kept.append(entry)
+                continue
+            entry = dict(entry)
+            for child in ("parts", "chapters", "sections"):
+                if child in entry:
+                    entry[child] = prune(entry[child])
+                    if not entry[child]:
+                        del entry[child]
+            if "file" in entry and key(entry) in drop:
+                kept.extend(entry.get("sections", []))
+            elif "file" in entry or entry.get("chapters") or entry.get("sections"):
+                kept.append(entry)
+        return kept
+
+    if str(toc.get("root", "")) in drop:
+        raise BookError(f"the book's root page {toc['root']!r} has no executed copy")
+    for child in ("parts", "chapters", "sections"):
+        if child in toc:
+            toc[child] = prune(toc[child])
+    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False), encoding="utf8")
+
+
+PARAMETER_CELL_TAGS = ("parameters", "injected-parameters")
+_SHOW_HIDE_TAGS = {"hide-cell", "hide-input", "hide-output", "remove-cell", "remove-input", "remove-output"}
+
+
+def _stage_notebook(executed: Path, target: Path) -> None:
+    """Copy an executed notebook into the stage, folding its parameter cells (tag ``hide-cell``).
+
+    The parameter cells are plumbing (and the injected one prints an absolute, machine-specific results path);
+    folded, a reader can still open them to see the scale a chapter ran at. Cells that already carry a
+    hide/remove tag are left as their author tagged them. The stored notebook itself is not modified.
+    """
+    nb = json.loads(executed.read_text(encoding="utf8"))
+    for cell in nb.get("cells", []):
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if any(t in PARAMETER_CELL_TAGS for t in tags) and not _SHOW_HIDE_TAGS.intersection(tags):
+            tags.append("hide-cell")
+    target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf8")
+
+
+def _jupyter_book_executable() -> str:
+    """The ``jupyter-book`` next to this interpreter (the venv's), else the one on ``PATH``."""
+    local = Path(sys.executable).parent / "jupyter-book"
+    if local.is_file():
+        return str(local)
+    found = shutil.which("jupyter-book")
+    if not found:
+        raise BookError("jupyter-book is not installed in this environment (pip install -e '.[book]')")
+    return found
+
+
+def build_html(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *, strict: bool = True) -> Path:
+    """Build the staged book with ``jupyter-book build`` into ``<out_dir>/_build/html``; return its ``index.html``.
+
+    ``strict`` (default) passes ``-W --keep-going``: every Sphinx warning fails the build, after reporting all of
+    them. In this book a warning is nearly always a real defect a reader would see (a glue key that no notebook
+    stored leaves a hole in a sentence, a ``{numref}`` to a missing figure label, an unknown citation), and the
+    build from a clean stage has no benign warnings. Known-harmless ones should be silenced by name
+    (``suppress_warnings`` in ``_config.yml``) rather than by turning strictness off.
+
+    The full log is written to ``<out_dir>/_build/jupyter-book.log``; on failure its tail is in the exception.
+    ``--all`` rebuilds every page, since stale pages or glue caches from an earlier stage would be wrong.
+    """
+    stage = Path(stage_dir).resolve()
+    out = Path(out_dir).resolve()
+    cmd = [_jupyter_book_executable(), "build", str(stage), "--path-output", str(out), "--builder", "html", "--all"]
+    if strict:
+        cmd += ["-W", "--keep-going"]
+    (out / "_build").mkdir(parents=True, exist_ok=True)
+    log_path = out / "_build" / "jupyter-book.log"
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(stage))
+    log_path.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}", encoding="utf8")
+    index = out / "_build" / "html" / "index.html"
+    if proc.returncode != 0 or not index.is_file():
+        tail = "\n".join((proc.stdout + "\n" + proc.stderr).strip().splitlines()[-80:])
+        raise BookError(f"jupyter-book build failed (exit {proc.returncode}); full log: {log_path}\n{tail}")
+    return index
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole job
+
+
+def run_book(scale: str = "smoke", *, execute: bool = True, repo_root: str | os.PathLike | None = None,
+             out_dir: str | os.PathLike | None = None, only: Sequence[str] | None = None,
+             results_dir: str | os.PathLike | None = None, strict: bool = True,
+             progress_bar: bool = False) -> Path:
+    """Execute (optionally), promote figures, stage and build the book at ``scale``; return ``index.html``.
+
+    ``execute=False`` rebuilds from the notebooks stored in ``results/<scale>/notebooks`` (no kernel, no training).
+    ``only`` executes just those chapters; the rest of the book is built from whatever is stored for the scale.
+    The HTML lands in ``<out_dir>/_build/html`` (``out_dir`` defaults to the repository root).
+    """
+    scale_rank(scale)
+    root = Path(repo_root).resolve() if repo_root else find_repo_root()
+    out = Path(out_dir).resolve() if out_dir else root
+    results = _results_dir(scale, root, results_dir)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    if execute:
+        t0 = time.perf_counter()
+        execute_notebooks(scale, repo_root=root, results_dir=results, only=only, progress_bar=progress_bar)
+        times["execute"] = time.perf_counter() - t0
+    elif not (results / "notebooks").is_dir() or not any((results / "notebooks").glob("*.ipynb")):
+        raise BookError(
+            f"no stored results for scale {scale!r} in {results / 'notebooks'}.\n"
+            f"  Run `python -m reflow_core book --scale {scale}` (executes the notebooks, then builds), or copy\n"
+            f"  results/{scale}/ from the machine where that scale ran, then retry with --no-execute."
+        )
+
+    promote_figures(scale, repo_root=root, results_dir=results)
+
+    t0 = time.perf_counter()
+    stage = out / "_build" / "stage"
+    stage_book(scale, repo_root=root, stage_dir=stage, results_dir=results, allow_missing=bool(only))
+    index = build_html(stage, out, strict=strict)
+    times["build"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_all
+    print("[book] wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), flush=True)
+    print(f"[book] {index}", flush=True)
+    return index
+
+
+def add_book_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``book`` sub-command's options to ``parser`` (``python -m reflow_core book ...``)."""
+    parser.add_argument("--scale", choices=SCALES, default="smoke",
+                        help="papermill `scale` for every notebook (default: smoke)")
+    parser.add_argument("--no-execute", dest="execute", action="store_false",
+                        help="build from the notebooks stored in results/<scale>/notebooks; do not run any")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="execute only these chapters (notebook file stems, e.g. 02_training)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="write the HTML to DIR/_build/html (default: the repository root)")
+    parser.add_argument("--results-dir", metavar="DIR", default=None,
+                        help="results folder for this scale (default: results/<scale>)")
+    parser.add_argument("--no-strict", dest="strict", action="store_false",
+                        help="do not turn Sphinx warnings into errors")
+    return parser
+
+
+def _stream_notebook_output() -> None:
+    """Show what the notebooks print (papermill logs each cell's output at INFO) while they run.
+
+    A ``smoke`` book trains models for tens of minutes; without this the terminal would stay silent.
+    """
+    import logging
+
+    logger = logging.getLogger("papermill")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def run_book_cli(args: argparse.Namespace) -> int:
+    """Entry point for the parsed ``book`` sub-command; returns the process exit code."""
+    _stream_notebook_output()
+    try:
+        run_book(args.scale, execute=args.execute, out_dir=args.out, only=args.only,
+                 results_dir=getattr(args, "results_dir", None), strict=getattr(args, "strict", True),
+                 progress_bar=sys.stderr.isatty())
+    except BookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m reflow_core.book`` works on its own as well."""
+    parser = argparse.ArgumentParser(prog="python -m reflow_core.book", description="Execute and build the book.")
+    add_book_arguments(parser)
+    return run_book_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Result JSON and training metrics: what notebooks write for the scorecard and read back."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return value.item()
+    return value
+
+
+def save_result(results_dir: str | Path, name: str, result: dict) -> Path:
+    """Write ``results_dir/data/<name>.json`` atomically (the scorecard reads these)."""
+    path = Path(results_dir) / "data" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable(result), indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def load_result(results_dir: str | Path, name: str) -> dict | None:
+    path = Path(results_dir) / "data" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """The JSONL metrics a training run writes (one row per logged step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)
