@@ -177,3 +177,14 @@ def test_flops_per_token_counts_the_factored_head():
     assert reflow.flops_per_token() >= gpt2_new.flops_per_token()
     assert reflow.flops_per_token() == pytest.approx(6 * reflow.num_params() + 12 * 36 * 1024 * 1024, rel=0.05)
     assert GPT  # the class is importable for users who subclass it
+
+
+def test_params_command_prints_the_exact_count_without_allocating():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "reflow_core", "params", "reflow-1-big"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "515056640"
+    bad = subprocess.run([sys.executable, "-m", "reflow_core", "params", "reflow@huge"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown preset 'reflow@huge'" in bad.stderr

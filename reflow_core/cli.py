@@ -1,0 +1,92 @@
+"""Command line: ``python -m reflow_core {params,prepare,train,sample,inspect,book} ...``.
+
+Errors a user can fix (bad config, missing data, divergence, corrupt checkpoint) are printed as
+``reflow_core: error: <message>`` lines with no traceback; :func:`reflow_core.launch.launch` looks for that prefix to
+put the child's own explanation at the top of its LaunchError.  Anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+ERROR_PREFIX = "reflow_core: error: "
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from reflow_core.book import BookError
+    from reflow_core.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
+    from reflow_core.config import ConfigError
+    from reflow_core.data import CorpusNotFoundError, DatasetIntegrityError, DatasetNotPreparedError
+    from reflow_core.train import TrainingDiverged
+
+    return (ConfigError, DatasetNotPreparedError, DatasetIntegrityError, CorpusNotFoundError, TrainingDiverged,
+            CorruptCheckpointError, CheckpointNotFoundError, BookError)
+
+
+def add_params_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("preset", help="a preset name: reflow-1-big, gpt2, reflow@smoke, …")
+    parser.add_argument("--breakdown", action="store_true", help="also print parameters per component")
+    return parser
+
+
+def run_params_cli(args: argparse.Namespace) -> None:
+    """Print the exact parameter count, built on the meta device so no weights are allocated."""
+    from reflow_core.config import get_config
+    from reflow_core.model import build_model, parameter_breakdown
+
+    model = build_model(get_config(args.preset), "meta")
+    print(model.num_params())
+    if args.breakdown:
+        for part, n in parameter_breakdown(model).items():
+            print(f"  {part:<11} {n:>13,}")
+
+
+def report_error(error: BaseException, *, with_traceback: bool = False) -> None:
+    if with_traceback:
+        traceback.print_exc()
+    for line in f"{type(error).__name__}: {error}".splitlines() or [type(error).__name__]:
+        print(ERROR_PREFIX + line, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reflow_core.book import add_book_arguments, run_book_cli
+    from reflow_core.data import add_prepare_arguments, run_prepare
+    from reflow_core.sample import add_inspect_arguments, add_sample_arguments, run_inspect_cli, run_sample_cli
+    from reflow_core.train import add_train_arguments, run_train_cli
+
+    parser = argparse.ArgumentParser(prog="python -m reflow_core", description="reFlow Book tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("params", help="exact parameter count of a preset (meta device, instant)")
+    add_params_arguments(p).set_defaults(func=run_params_cli)
+    p = sub.add_parser("prepare", help="tokenise a corpus into verified train/val token files")
+    add_prepare_arguments(p).set_defaults(func=run_prepare)
+    p = sub.add_parser("train", help="train or resume a model (single process or one rank under torchrun)")
+    add_train_arguments(p).set_defaults(func=run_train_cli)
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    add_sample_arguments(p).set_defaults(func=run_sample_cli)
+    p = sub.add_parser("inspect", help="a checkpoint's parameter table")
+    add_inspect_arguments(p).set_defaults(func=run_inspect_cli)
+    p = sub.add_parser("book", help="execute the chapters with papermill at a scale and build the HTML")
+    add_book_arguments(p).set_defaults(func=run_book_cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except _user_errors() as e:
+        report_error(e)
+        return 1
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything unexpected: keep the traceback, but also the marked line
+        report_error(e, with_traceback=True)
+        return 1
+    return result if isinstance(result, int) else 0  # sub-commands that return a status code keep it
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
