@@ -93,7 +93,6 @@ TOC = """\
 format: jb-book
 root: book/intro
 chapters:
-  - file: book/scorecard
   - file: notebooks/01_tiny
   - file: book/quote
   - file: book/data
@@ -178,7 +177,6 @@ def test_glued_numbers_and_figure_in_html(built_book):
     assert re.search(r"<img[^>]+src=\"[^\"]+\.png\"", chapter), "glued figure missing"
     assert 'id="fig-tiny"' in chapter
     assert 'id="fig-tiny-file"' in quote and "fig-01-tiny.png" in quote
-    assert "Reproduction scorecard" in (html / "book" / "scorecard.html").read_text(encoding="utf8")
     # the stored parameter cells are folded in the book
     assert re.search(r'class="[^"]*\btag_parameters\b[^"]*\btag_hide-cell\b', chapter)
     assert re.search(r"Fig(ure|\.)\s*\S*\d", quote), "numref to the figure did not resolve"
