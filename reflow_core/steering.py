@@ -1,0 +1,365 @@
+"""Steering a reFlow model by writing into its residual stream, and the live control panel.
+
+Everything here works on *layer states* h_0 … h_L of a model with L blocks: h_0 is the embedding (the input of
+block 0, hook ``blocks.0.resid_pre``) and h_l for l ≥ 1 is the output of block l−1 (``blocks.{l-1}.resid_post``).
+Injecting at layer l means h_l ← h_l + α·v̂ at every position, v̂ a unit direction in model space; injecting over a
+layer range does it at each layer of the range (the pushes add up along the residual stream).
+
+Directions come from the model's own vocabulary module, so they are expressed in the signal basis the book reads:
+
+* ``sentiment`` — mean recipe of positive words minus mean recipe of negative words, mapped to model space through
+  W_basis (the difference of their mean embeddings; for a tied model the embeddings themselves);
+* ``concept`` — the embedding row of one word (its recipe times W_basis);
+* ``signal`` — one basis row b_j of W_basis (pushing along it raises signal j's read-out).
+
+The pure function :func:`steer` applies a :class:`SteeringSpec` and returns the generated text and the next-token
+top-k distribution (steered and unsteered); :func:`steering_panel` wraps it in ipywidgets for a live kernel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib.resources import files
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from reflow_core import tokenizer
+
+DIRECTION_KINDS = ("sentiment", "concept", "signal")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stimuli shipped as package data, with the single-token checks the experiments rely on
+
+
+@lru_cache(maxsize=None)
+def load_stimuli(name: str) -> dict:
+    """``assets/prompts/<name>.json`` (``factual``, ``sentiment``, ``concepts``) as a dict."""
+    return json.loads(files("reflow_core").joinpath(f"assets/prompts/{name}.json").read_text())
+
+
+def token_ids(words: list[str], *, strict: bool = True) -> tuple[list[int], list[str]]:
+    """Ids of ``words`` that are exactly one GPT-2 token, and the words that are not.
+
+    ``strict=True`` raises when a word splits: the experiments compare single rows of per-token matrices, so a
+    multi-token word would silently measure something else.
+    """
+    ids, dropped = [], []
+    for w in words:
+        i = tokenizer.single_token_id(w)
+        if i is None:
+            dropped.append(w)
+        else:
+            ids.append(i)
+    if strict and dropped:
+        raise ValueError(f"not single GPT-2 tokens: {dropped}")
+    return ids, dropped
+
+
+def sentiment_ids() -> tuple[list[int], list[int]]:
+    s = load_stimuli("sentiment")
+    return token_ids(s["positive"])[0], token_ids(s["negative"])[0]
+
+
+def encode_prompt(model, prompt: str) -> torch.Tensor:
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("empty prompt")
+    return torch.tensor([ids[-model.config.block_size:]], dtype=torch.long, device=model.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer states and injection hooks
+
+
+def n_states(model) -> int:
+    """Number of layer states h_0 … h_L (= n_layer + 1)."""
+    return model.config.n_layer + 1
+
+
+def layer_hook_name(model, layer: int) -> str:
+    """The hook point whose tensor is the layer state h_layer."""
+    L = model.config.n_layer
+    if not 0 <= layer <= L:
+        raise ValueError(f"layer must be in 0..{L}, got {layer}")
+    return "blocks.0.resid_pre" if layer == 0 else f"blocks.{layer - 1}.resid_post"
+
+
+@torch.no_grad()
+def residual_states(model, idx: torch.Tensor) -> torch.Tensor:
+    """All layer states, shape (L+1, B, T, d), from one forward pass (hooks already attached still apply)."""
+    names = [layer_hook_name(model, l) for l in range(n_states(model))]
+    _, cache = model.run_with_cache(idx, names)
+    return torch.stack([cache[n] for n in names])
+
+
+def add_hook(vector: torch.Tensor, positions: slice | int | None = None):
+    """A hook that adds ``vector`` (shape d) to the residual stream at ``positions`` (default: all)."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        v = vector.to(x.dtype)
+        if positions is None:
+            return x + v
+        x = x.clone()
+        x[:, positions] = x[:, positions] + v
+        return x
+
+    return fn
+
+
+def injection_hooks(model, direction: torch.Tensor, layers, alpha: float, positions=None) -> dict:
+    """Hooks adding α·v̂ at every layer in ``layers`` (an int, or an inclusive ``(lo, hi)`` range, or a list)."""
+    layers = expand_layers(layers)
+    v = direction / direction.norm().clamp_min(1e-12)
+    return {layer_hook_name(model, l): add_hook(alpha * v, positions) for l in layers}
+
+
+def expand_layers(layers) -> list[int]:
+    if isinstance(layers, int):
+        return [layers]
+    if isinstance(layers, tuple) and len(layers) == 2:
+        lo, hi = layers
+        return list(range(int(lo), int(hi) + 1))
+    return [int(l) for l in layers]
+
+
+@contextmanager
+def injected(model, direction: torch.Tensor, layers, alpha: float, positions=None) -> Iterator[None]:
+    """``with injected(model, v, (0, 3), 8.0): …`` — every forward inside is steered."""
+    with model.hooks.attach(injection_hooks(model, direction, layers, alpha, positions)):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Directions
+
+
+def embedding_rows(model, ids) -> torch.Tensor:
+    """Rows of the effective embedding matrix (recipe rows · W_basis for reFlow) for ``ids``."""
+    ids = torch.as_tensor(ids, device=model.device)
+    if model.is_factored:
+        return model.vocab.recipe_matrix()[ids] @ model.vocab.basis
+    return model.vocab.embedding_matrix()[ids]
+
+
+@torch.no_grad()
+def sentiment_direction(model, positive: list[int] | None = None, negative: list[int] | None = None) -> torch.Tensor:
+    """Mean recipe(positive) − mean recipe(negative), mapped to model space by W_basis (unit norm)."""
+    if positive is None or negative is None:
+        positive, negative = sentiment_ids()
+    if model.is_factored:
+        R = model.vocab.recipe_matrix()
+        diff_recipe = R[positive].mean(0) - R[negative].mean(0)
+        v = diff_recipe @ model.vocab.basis
+    else:
+        v = embedding_rows(model, positive).mean(0) - embedding_rows(model, negative).mean(0)
+    return (v / v.norm().clamp_min(1e-12)).detach()
+
+
+@torch.no_grad()
+def concept_direction(model, token_id: int) -> torch.Tensor:
+    v = embedding_rows(model, [token_id])[0]
+    return (v / v.norm().clamp_min(1e-12)).detach()
+
+
+@torch.no_grad()
+def signal_direction(model, signal: int) -> torch.Tensor:
+    if not model.is_factored:
+        raise TypeError("a signal direction needs a factored (reFlow) vocabulary")
+    b = model.vocab.basis[signal]
+    return (b / b.norm().clamp_min(1e-12)).detach()
+
+
+def random_directions(n: int, d: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+    """``n`` unit directions uniform on the sphere: the null for every steering effect."""
+    g = torch.randn(n, d, generator=generator)
+    return (g / g.norm(dim=1, keepdim=True)).to(device)
+
+
+def direction_for(model, kind: str, *, word: str | None = None, signal: int | None = None) -> torch.Tensor:
+    """The unit direction a steering spec names (see module docstring)."""
+    if kind == "sentiment":
+        return sentiment_direction(model)
+    if kind == "concept":
+        if not word:
+            raise ValueError("a concept direction needs a word")
+        tid = tokenizer.single_token_id(word) or tokenizer.single_token_id(" " + word.strip())
+        if tid is None:
+            raise ValueError(f"{word!r} is not a single GPT-2 token (try a leading space, e.g. ' cat')")
+        return concept_direction(model, tid)
+    if kind == "signal":
+        if signal is None or not 0 <= int(signal) < model.config.n_signals:
+            raise ValueError(f"signal must be in 0..{model.config.n_signals - 1}")
+        return signal_direction(model, int(signal))
+    raise ValueError(f"direction kind must be one of {DIRECTION_KINDS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements under steering
+
+
+def log_mass(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """log Σ_{i∈ids} p_i for the last dimension of ``logits``."""
+    return torch.logsumexp(F.log_softmax(logits.float(), dim=-1)[..., ids], dim=-1)
+
+
+def sentiment_score(logits: torch.Tensor, positive: list[int], negative: list[int]) -> torch.Tensor:
+    """Positive minus negative next-token log-mass: > 0 means the model leans positive."""
+    return log_mass(logits, positive) - log_mass(logits, negative)
+
+
+@torch.no_grad()
+def last_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(idx, last_only=True)
+    return logits[:, -1, : model.config.real_vocab_size].float()
+
+
+@dataclass
+class SteeringSpec:
+    prompt: str
+    layers: tuple[int, int] = (0, 0)
+    alpha: float = 0.0
+    kind: str = "sentiment"
+    word: str = ""
+    signal: int = 0
+    max_new_tokens: int = 16
+    top_k: int = 10
+
+
+@dataclass
+class SteeringOutput:
+    spec: dict
+    text: str  # prompt + steered greedy continuation
+    continuation: str
+    baseline_continuation: str
+    top_tokens: list[str] = field(default_factory=list)
+    top_probs: list[float] = field(default_factory=list)
+    baseline_top_tokens: list[str] = field(default_factory=list)
+    baseline_top_probs: list[float] = field(default_factory=list)
+
+
+def _topk(logits: torch.Tensor, k: int) -> tuple[list[str], list[float]]:
+    p = F.softmax(logits.float(), dim=-1)[0]
+    vals, ids = p.topk(k)
+    return [tokenizer.decode([i]) for i in ids.tolist()], [float(v) for v in vals]
+
+
+@torch.no_grad()
+def steer(model, spec: SteeringSpec) -> SteeringOutput:
+    """Apply ``spec``: greedy continuation and next-token top-k with and without the injection (deterministic)."""
+    idx = encode_prompt(model, spec.prompt)
+    v = direction_for(model, spec.kind, word=spec.word, signal=spec.signal)
+    n0 = idx.shape[1]
+    base_logits = last_logits(model, idx)
+    base = model.generate(idx, spec.max_new_tokens, temperature=0.0)
+    with injected(model, v, tuple(spec.layers), spec.alpha):
+        logits = last_logits(model, idx)
+        out = model.generate(idx, spec.max_new_tokens, temperature=0.0)
+    cont = tokenizer.decode(out[0, n0:])
+    top_t, top_p = _topk(logits, spec.top_k)
+    btop_t, btop_p = _topk(base_logits, spec.top_k)
+    return SteeringOutput(
+        spec=asdict(spec), text=spec.prompt + cont, continuation=cont,
+        baseline_continuation=tokenizer.decode(base[0, n0:]),
+        top_tokens=top_t, top_probs=top_p, baseline_top_tokens=btop_t, baseline_top_probs=btop_p,
+    )
+
+
+def plot_steering(result: SteeringOutput, ax=None):
+    """Bar chart of the steered next-token top-k, with the unsteered probability of the same tokens."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    base = dict(zip(result.baseline_top_tokens, result.baseline_top_probs))
+    y = range(len(result.top_tokens))[::-1]
+    ax.barh(list(y), result.top_probs, color="#4c72b0", label="steered")
+    ax.scatter([base.get(t, float("nan")) for t in result.top_tokens], list(y), color="#dd8452", zorder=3,
+               label="unsteered (if in its top-k)")
+    ax.set_yticks(list(y), [repr(t) for t in result.top_tokens])
+    ax.set_xlabel("next-token probability")
+    s = result.spec
+    ax.set_title(f"{s['kind']} α={s['alpha']:g} layers {s['layers'][0]}–{s['layers'][1]}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    return ax.figure
+
+
+# ----------------------------------------------------------------------------------------------
+# The live panel
+
+
+class SteeringPanel:
+    """ipywidgets controls around :func:`steer`; ``panel.widget`` is what a notebook displays.
+
+    The panel regenerates on every change of a control (``continuous_update`` off for sliders, so dragging does not
+    queue dozens of generations). ``last_result`` holds the latest :class:`SteeringOutput`, ``text`` (HTML) and
+    ``chart`` (PNG Image) its rendering — both plain widget values, so saved widget state shows them in a static page.
+    """
+
+    def __init__(self, model, *, prompt: str = "The movie was", layers=(0, 1), alpha: float = 8.0,
+                 kind: str = "sentiment", word: str = " cat", signal: int = 0, max_new_tokens: int = 16,
+                 top_k: int = 10, alpha_max: float | None = None) -> None:
+        import ipywidgets as W
+
+        self.model = model
+        L = model.config.n_layer
+        alpha_max = alpha_max or max(4 * abs(alpha), 1.0)
+        self.prompt = W.Text(value=prompt, description="prompt", continuous_update=False,
+                             layout=W.Layout(width="95%"))
+        self.layers = W.IntRangeSlider(value=tuple(layers), min=0, max=L, description="layers", continuous_update=False)
+        self.alpha = W.FloatSlider(value=alpha, min=-alpha_max, max=alpha_max, step=alpha_max / 100,
+                                   description="α", continuous_update=False)
+        self.kind = W.Dropdown(options=list(DIRECTION_KINDS), value=kind, description="direction")
+        self.word = W.Text(value=word, description="word", continuous_update=False)
+        self.signal = W.BoundedIntText(value=signal, min=0, max=model.config.n_signals - 1, description="signal")
+        self.text = W.HTML()
+        self.chart = W.Image(format="png")
+        self.max_new_tokens, self.top_k = max_new_tokens, top_k
+        self.last_result: SteeringOutput | None = None
+        self.error: str | None = None
+        controls = [self.prompt, self.layers, self.alpha, self.kind, self.word, self.signal]
+        for w in controls:
+            w.observe(lambda _change: self.update(), names="value")
+        self.widget = W.VBox([self.prompt, W.HBox([self.layers, self.alpha]), W.HBox([self.kind, self.word, self.signal]),
+                              self.text, self.chart])
+        self.update()
+
+    def spec(self) -> SteeringSpec:
+        return SteeringSpec(prompt=self.prompt.value, layers=tuple(self.layers.value), alpha=float(self.alpha.value),
+                            kind=self.kind.value, word=self.word.value, signal=int(self.signal.value),
+                            max_new_tokens=self.max_new_tokens, top_k=self.top_k)
+
+    def update(self) -> SteeringOutput | None:
+        import html
+
+        import matplotlib.pyplot as plt
+
+        try:
+            result = steer(self.model, self.spec())
+        except ValueError as e:  # a bad word or empty prompt: say so in the panel, keep the last chart
+            self.error = str(e)
+            self.text.value = f"<p style='color:#b00'>{html.escape(str(e))}</p>"
+            return None
+        self.error = None
+        self.last_result = result
+        self.text.value = (
+            f"<p><b>steered:</b> {html.escape(result.spec['prompt'])}<b>{html.escape(result.continuation)}</b></p>"
+            f"<p><b>unsteered:</b> {html.escape(result.spec['prompt'])}{html.escape(result.baseline_continuation)}</p>"
+        )
+        fig = plot_steering(result)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
+        plt.close(fig)
+        self.chart.value = buf.getvalue()
+        return result
+
+
+def steering_panel(model, **kwargs) -> SteeringPanel:
+    """Build the live steering panel; display ``panel.widget`` in a notebook (see :class:`SteeringPanel`)."""
+    return SteeringPanel(model, **kwargs)

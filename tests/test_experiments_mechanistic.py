@@ -1,0 +1,218 @@
+"""Experiments 7–9 (Layer Evolution, Signal Flow, Causal Ablation) on tiny models with PLANTED structure.
+
+The planted models are reFlow@test models whose blocks are made the identity (attention and MLP output projections
+zeroed), whose W_basis is the identity (S = d) and whose final norm has weight 1: the read-out of the last position is
+then exactly RMSNorm(recipe row of the last token), so we can write into W_recipe which signal carries which token.
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from planted import identity_model
+
+from reflow_core.config import get_config
+from reflow_core.model import build_model
+from reflow_core.steering import layer_hook_name, residual_states
+from reflow_core.tokenizer import single_token_id as tid
+from reflow_core.experiments import ablation, evolution, flow
+
+PROMPT = "The capital of France is"
+FUNCTION = [" the", " a", " in", " to", " an", " at"]
+
+
+def e(j, S=32):
+    v = torch.zeros(S)
+    v[j] = 1.0
+    return v
+
+
+def ablation_model():
+    """' is' (last prompt token) reads as signals 5 and 7; ' Paris' is written only through signal 5;
+    six function words carry the largest weight on signal 5 but are suppressed through signal 7."""
+    m = identity_model(2)
+    with torch.no_grad():
+        R = m.vocab.recipe
+        R[tid(" is")] = 3 * e(5) + 3 * e(7) + 0.3 * torch.randn(32)
+        R[tid(" Paris")] = 8 * e(5)
+        for i, w in enumerate(FUNCTION):
+            R[tid(w)] = (9.0 - 0.1 * i) * e(5) - 12 * e(7)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment 9
+
+
+def test_single_signal_ablation_removes_planted_target():
+    m = ablation_model()
+    r = ablation.causal_ablation(m, PROMPT, tid(" Paris"), n_random=64, residual=True, n_random_residual=4)
+    assert r.order[0] == 5  # the planted carrier is found as the top contributor
+    assert r.p_before > 0.05
+    assert r.p_top[0] < r.p_before / 1000  # knocking out signal 5 removes the target
+    # residual mode: the signal projected off every layer state has the same effect
+    assert r.p_top_residual[0] < r.p_before / 1000
+    # random single signals (signal 5 is drawn 1 time in 32) mostly leave p untouched: the null
+    assert np.median(r.p_random[0]) > 0.5 * r.p_before
+    assert r.beyond_random_1 >= 0.9
+    # codebook of the carrier = the planted function words; random signals' codebooks hold none
+    assert set(r.codebook) == set(FUNCTION)
+    assert r.codebook_function_share == 1.0 and r.null_function_share < 0.2
+    rows = ablation.scorecard_rows(r, {"fold_top1": [r.fold_drop_1], "median_fold_top1": r.fold_drop_1}, "test", "x")
+    assert [row.verdict for row in rows] == ["reproduced", "reproduced"]
+
+
+def test_ablation_on_unplanted_model_does_not_collapse():
+    m = identity_model(2, seed=1)
+    r = ablation.causal_ablation(m, PROMPT, n_random=32, ks=[1, 2])
+    assert r.fold_drop_1 < ablation.FOLD_FOR_COLLAPSE
+    rows = ablation.scorecard_rows(r, {"fold_top1": [1.0], "median_fold_top1": 1.0}, "test", "x")
+    assert rows[0].verdict == "not reproduced"
+
+
+def test_readout_ablation_matches_zeroing_by_hand():
+    m = ablation_model()
+    r = ablation.causal_ablation(m, PROMPT, tid(" Paris"), ks=[1, 2], n_random=4)
+    s = ablation.final_readout(m, PROMPT)
+    s2 = s.clone()
+    s2[r.order[:2]] = 0
+    with torch.no_grad():
+        p = torch.softmax(s2 @ m.vocab.recipe[: m.config.real_vocab_size].t(), -1)[tid(" Paris")]
+    assert math.isclose(r.p_top[1], float(p), rel_tol=1e-4, abs_tol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment 8
+
+
+def test_signal_flow_finds_planted_carrier_and_sums_to_logit():
+    m = ablation_model()
+    f = flow.signal_flow(m, PROMPT, tid(" Paris"), top_n=4)
+    assert f.signals[0] == 5
+    assert math.isclose(float(f.final_contrib.sum()), f.target_logit, rel_tol=1e-4)
+    # the target's logit sits on one signal; a random token's logit is spread over many
+    assert f.top_share > 0.95 and f.top_share > np.percentile(f.null_top_share, 95)
+    # identity blocks: every layer reads the same contribution
+    assert np.allclose(f.layer_by_signal, f.layer_by_signal[-1:], atol=1e-5)
+    assert f.layer_by_signal.shape == (m.config.n_layer + 1, 4)
+    assert f.position_by_signal.shape[0] == len(f.tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment 7
+
+
+def test_crystallisation_layer_definition():
+    assert evolution.crystallisation_layer([5, 3, 1, 1]) == 2
+    assert evolution.crystallisation_layer([1, 2, 1, 1]) == 2  # top-1 early, lost, regained: the last entry counts
+    assert evolution.crystallisation_layer([1, 1, 1]) == 0
+    assert evolution.crystallisation_layer([1, 1, 2]) is None
+    assert evolution.half_probability_layer([0.01, 0.1, 0.3, 0.4]) == 2
+
+
+def planted_writes(m, target, writes: dict[int, float]):
+    """Hooks that add ``scale · e(target's signal)`` at the given layer states: the target wins from there on."""
+    direction = m.vocab.recipe[target].detach() / m.vocab.recipe[target].norm()
+
+    def add(scale):
+        return lambda x: x + scale * direction
+
+    return {layer_hook_name(m, l): add(s) for l, s in writes.items()}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_crystallisation_at_planted_layer(k):
+    m = identity_model(n_layer=4)
+    target = tid(" Paris")
+    with torch.no_grad():
+        m.vocab.recipe[tid(" is")] = 3 * e(0)
+        m.vocab.recipe[target] = 3 * e(1)
+    with m.hooks.attach(planted_writes(m, target, {k: 10.0})):
+        traj = evolution.lens_trajectory(m, PROMPT)
+        res = evolution.layer_evolution(m, [{"prompt": PROMPT, "target": " Paris"}])
+    assert traj["target"] == target
+    assert evolution.crystallisation_layer(traj["ranks"]) == k
+    assert traj["ranks"][k - 1] > 1 and all(r == 1 for r in traj["ranks"][k:])
+    assert res.crystal == [k] and res.half == [k]
+    assert res.summary["median_crystal_frac"] == k / 4 and res.expected_top1 == 1.0
+
+
+def test_crystallisation_ignores_an_early_false_start():
+    m = identity_model(n_layer=4)
+    target = tid(" Paris")
+    with torch.no_grad():
+        m.vocab.recipe[tid(" is")] = 3 * e(0)
+        m.vocab.recipe[target] = 3 * e(1)
+    # the target wins at layer 1, is pushed back at layer 2, wins for good at layer 3
+    with m.hooks.attach(planted_writes(m, target, {1: 10.0, 2: -10.0, 3: 10.0})):
+        traj = evolution.lens_trajectory(m, PROMPT, target)
+    assert traj["ranks"][1] == 1 and traj["ranks"][2] > 1
+    assert evolution.crystallisation_layer(traj["ranks"]) == 3
+
+
+def test_lens_at_last_layer_is_the_model_output():
+    m = build_model(get_config("reflow@test")).eval()
+    from reflow_core.steering import encode_prompt
+
+    idx = encode_prompt(m, PROMPT)
+    traj = evolution.lens_trajectory(m, idx)
+    with torch.no_grad():
+        logits, _ = m(idx)
+    p = torch.softmax(logits[0, -1, : m.config.real_vocab_size], -1)
+    assert traj["final_top1"] == int(p.argmax())
+    assert math.isclose(traj["probs"][-1], float(p.max()), rel_tol=1e-4)
+    states = residual_states(m, idx)
+    assert states.shape == (m.config.n_layer + 1, 1, idx.shape[1], m.config.d_model)
+
+
+def test_evolution_scorecard_band():
+    m = identity_model(n_layer=6)
+    res = {"reflow": evolution.layer_evolution(m, [{"prompt": PROMPT, "target": " Paris"}])}
+    res["reflow"].summary["median_crystal_frac"] = 0.4
+    assert evolution.scorecard_rows(res, "test", "x")[0].verdict == "reproduced"
+    res["reflow (init)"] = evolution.layer_evolution(m, [{"prompt": PROMPT, "target": " Paris"}], label="init")
+    res["reflow (init)"].summary["median_crystal_frac"] = 0.45  # the untrained null lands in the band too
+    row = evolution.scorecard_rows(res, "test", "x")[0]
+    assert row.verdict == "not reproduced" and "initialisation" in row.why
+    res["reflow (init)"].summary["median_crystal_frac"] = 1.0
+    assert evolution.scorecard_rows(res, "test", "x")[0].verdict == "reproduced"
+    res["reflow"].summary["median_crystal_frac"] = 0.9
+    assert evolution.scorecard_rows(res, "test", "x")[0].verdict == "not reproduced"
+
+
+def test_seed_intervals_over_planted_models():
+    models = [ablation_model(), ablation_model()]
+    fold = ablation.fold_over_seeds(models, n_random=8)
+    assert fold.n == 2 and fold.mean > 3  # log10 fold drop of the planted carrier
+    crystal = evolution.crystallisation_over_seeds(models, [{"prompt": PROMPT, "target": " Paris"}])
+    assert crystal.n == 2 and crystal.mean == 0.0  # identity blocks: the embedding already decides
+
+
+def test_factual_targets_are_single_tokens():
+    items = evolution.factual_items()
+    assert len(items) >= 30 and items[0] == {"prompt": ablation.PAPER_PROMPT, "target": ablation.PAPER_TARGET}
+    assert all(tid(it["target"]) is not None for it in items)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chapter notebook at scale="test"
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_mechanistic_notebook_executes(real_book):
+    _, results = real_book
+    results = str(results)
+    out = Path(results) / "notebooks" / "05_mechanistic.ipynb"  # executed by the shared real-book run
+    assert out.is_file()
+    figs = Path(results) / "figures"
+    for name in ("fig-mechanistic-evolution", "fig-mechanistic-crystallisation", "fig-mechanistic-flow",
+                 "fig-mechanistic-ablation"):
+        assert (figs / f"{name}.png").exists()
+    from reflow_core.results import load_result
+
+    rows = load_result(results, "scorecard-mechanistic")["rows"]
+    assert {r["claim_id"] for r in rows} == {"ablation.single", "ablation.codebook", "evolution.crystallisation"}
