@@ -1,0 +1,390 @@
+"""The post-hoc chapter as one experiment: activations → every variant × seed → metrics, norms, contributions,
+factorial, native comparison → a result with the data for each figure → scorecard rows.
+
+Budgets per scale live in :data:`BUDGETS` (SAE width as a multiple of d, k, steps, vectors, seeds): the chapter must run
+in a few minutes on 2 CPU cores at ``smoke``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from reflow_core.sae import activations, factorial, metrics, native
+from reflow_core.sae.train import SAEConfig, train_suite
+from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
+
+PAPER_RECON_PCT = 41.3
+PAPER_KL_PCT = 51.6
+# A reduction counts as the seed's effect when it reaches half the published figure and its interval over SAE seeds
+# excludes zero; the comparison that decides is the parameter-matched Top-K SAE (the joint model has more parameters).
+REPRODUCE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Budget:
+    width_mult: int
+    k: int
+    embed_dim: int
+    steps: int
+    batch_size: int
+    n_train: int
+    n_val: int
+    n_windows: int  # held-out windows for the spliced metrics
+    n_seeds: int
+    lr: float = 1e-3
+
+
+BUDGETS = {
+    "test": Budget(width_mult=4, k=8, embed_dim=16, steps=120, batch_size=256, n_train=6000, n_val=2000, n_windows=4,
+                   n_seeds=2),
+    "smoke": Budget(width_mult=4, k=16, embed_dim=64, steps=600, batch_size=256, n_train=100_000, n_val=8192,
+                    n_windows=8, n_seeds=3),
+    "small": Budget(width_mult=8, k=32, embed_dim=128, steps=20_000, batch_size=4096, n_train=4_000_000,
+                    n_val=65536, n_windows=32, n_seeds=3, lr=4e-4),
+    "paper": Budget(width_mult=16, k=64, embed_dim=256, steps=100_000, batch_size=4096, n_train=20_000_000,
+                    n_val=262144, n_windows=64, n_seeds=3, lr=2e-4),
+}
+
+
+def sae_config(scale: str, d: int) -> SAEConfig:
+    b = BUDGETS[scale]
+    return SAEConfig(width=b.width_mult * d, k=b.k, embed_dim=b.embed_dim, steps=b.steps, batch_size=b.batch_size,
+                     lr=b.lr, warmup_steps=max(1, b.steps // 20), dead_steps=max(20, b.steps // 8),
+                     log_interval=max(1, b.steps // 40))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Small matmuls train faster on one thread when the machine is shared; ``None`` leaves torch's setting."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass
+class PosthocResult:
+    hook: str
+    config: dict
+    per_seed: pd.DataFrame
+    summary: pd.DataFrame
+    zero_ablation: dict
+    comparisons: dict  # name -> (mean, lo, hi) in %
+    norms: dict  # variant -> per-latent DataFrame (seed 0)
+    bimodality: dict  # variant -> bimodality dict (sq norms; effective norms for the careful joint)
+    low_mode: dict  # for joint_paper: what the low-norm latents are
+    contributions: pd.DataFrame
+    contribution_tests: dict
+    factorial: dict  # "sequential" / "joint" -> FactorialResult
+    native_sweep: pd.DataFrame
+    causal: dict
+    unit_cosines: pd.DataFrame
+    timings: dict = field(default_factory=dict)
+
+
+def _low_mode_report(table: pd.DataFrame, bm: dict) -> dict:
+    low = np.asarray(bm["low_mode"])
+    if low.sum() == 0 or low.all():
+        return {"n_low": int(low.sum()), "n_high": int((~low).sum())}
+    t_low, t_high = table[low], table[~low]
+    return {
+        "n_low": int(low.sum()), "n_high": int((~low).sum()),
+        "low_never_fired": float((t_low.freq == 0).mean()), "high_never_fired": float((t_high.freq == 0).mean()),
+        "low_freq_median": float(t_low.freq.median()), "high_freq_median": float(t_high.freq.median()),
+        "low_moved_median": float(t_low.moved.median()), "high_moved_median": float(t_high.moved.median()),
+        "low_sq_norm_mean": float(t_low.sq_norm.mean()), "high_sq_norm_mean": float(t_high.sq_norm.mean()),
+    }
+
+
+def run_posthoc(lm, scale: str, data_dir, *, results_dir=None, layer: int | None = None, seeds: list[int] | None = None,
+                threads: int | None = 1, progress: bool = True) -> PosthocResult:
+    """Everything the chapter reports, on one trained model ``lm`` (reFlow: the native comparison needs signals)."""
+    timings = {}
+    t0 = time.time()
+    b = BUDGETS[scale]
+    layer = activations.default_layer(lm) if layer is None else layer
+    hook = activations.hook_name(layer)
+    cfg = sae_config(scale, lm.config.d_model)
+    seeds = list(range(b.n_seeds)) if seeds is None else seeds
+    log_path = None
+    if results_dir is not None:
+        log_path = Path(results_dir) / "data" / "posthoc-train.jsonl"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+    with torch_threads(threads):
+        acts = activations.collect(lm, hook, data_dir, n_train=b.n_train, n_val=b.n_val, progress=progress,
+                                   cache_dir=Path(results_dir) / "activations" if results_dir else None)
+        timings["collect"] = time.time() - t0
+        t = time.time()
+        models = train_suite(acts, cfg, seeds, log_path=log_path, progress=progress)
+        timings["train"] = time.time() - t
+        t = time.time()
+        df = metrics.evaluate_suite(models, acts, lm, n_windows=b.n_windows)
+        timings["evaluate"] = time.time() - t
+        summary = metrics.summarize(df, metrics=("fvu", "l0", "dead_frac", "kl", "delta_ce", "kl_random",
+                                                 "delta_ce_random", "fvu_linear_only", "kl_linear_only"))
+        comparisons = {}
+        for metric in ("fvu", "kl"):
+            for base in ("sae", "sae_wide", "sae_linear"):
+                comparisons[f"{metric}:joint_vs_{base}"] = metrics.paired_reduction(df, metric, "joint", base)
+            comparisons[f"{metric}:sequential_vs_sae"] = metrics.paired_reduction(df, metric, "sequential", "sae")
+            comparisons[f"{metric}:sae_mlp_vs_sae_linear"] = metrics.paired_reduction(df, metric, "sae_mlp",
+                                                                                      "sae_linear")
+            comparisons[f"{metric}:joint_vs_sae_mlp"] = metrics.paired_reduction(df, metric, "joint", "sae_mlp")
+            comparisons[f"{metric}:seed_style"] = metrics.seed_style_reduction(df, metric)
+            comparisons[f"{metric}:joint_paper_seed_style"] = metrics.seed_style_reduction(df, metric, "joint_paper")
+            comparisons[f"{metric}:joint_paper_vs_sae_paper"] = metrics.paired_reduction(df, metric, "joint_paper",
+                                                                                         "sae_paper")
+
+        t = time.time()
+        x = acts.val_normalized()
+        norms = {v: metrics.norm_table(models[v][0], x) for v in ("sae", "joint", "sae_paper", "joint_paper")}
+        bim = {v: metrics.bimodality(norms[v].sq_norm) for v in ("sae_paper", "joint_paper")}
+        bim["joint (effective)"] = metrics.bimodality(norms["joint"].effective_norm ** 2)
+        low_mode = _low_mode_report(norms["joint_paper"], bim["joint_paper"])
+        contrib = metrics.contributions(models["joint_paper"][0], x)
+        ctests = metrics.contribution_tests(contrib)
+        timings["norms"] = time.time() - t
+
+        t = time.time()
+        fact = {label: factorial.factorial_experiment(lm, models[label][0], acts) for label in ("sequential", "joint")}
+        timings["factorial"] = time.time() - t
+
+        t = time.time()
+        S = lm.config.n_signals
+        ks = sorted({min(S, cfg.k * 2**i) for i in range(0, 12) if cfg.k * 2**i <= 2 * S})
+        sweep = native.native_sweep(lm, acts, ks, n_windows=max(2, b.n_windows // 2))
+        causal = native.causal_units(lm, acts, {"Top-K SAE": models["sae"][0], "joint SAE+NFM": models["joint"][0]})
+        cos = native.unit_cosines(causal["units"])
+        timings["native"] = time.time() - t
+    timings["total"] = time.time() - t0
+    return PosthocResult(hook=hook, config={**cfg.__dict__, "seeds": seeds, "layer": layer, "scale_c": acts.scale,
+                                            "n_train": len(acts.train), "n_val": len(acts.val),
+                                            "n_windows": b.n_windows, "activations_on_disk": acts.on_disk},
+                         per_seed=df, summary=summary, zero_ablation=df.attrs.get("zero_ablation", {}),
+                         comparisons=comparisons, norms=norms, bimodality=bim, low_mode=low_mode,
+                         contributions=contrib, contribution_tests=ctests, factorial=fact, native_sweep=sweep,
+                         causal=causal, unit_cosines=cos, timings=timings)
+
+
+def to_json(r: PosthocResult) -> dict:
+    """The numbers of a result (no tensors, no per-latent tables) for ``save_result``."""
+    def strip(bm):
+        return {k: v for k, v in bm.items() if k != "low_mode"}
+    return {
+        "hook": r.hook, "config": r.config, "summary": r.summary.reset_index().to_dict(orient="records"),
+        "per_seed": r.per_seed.to_dict(orient="records"), "zero_ablation": r.zero_ablation,
+        "comparisons": {k: list(v) for k, v in r.comparisons.items()},
+        "bimodality": {k: strip(v) for k, v in r.bimodality.items()}, "low_mode": r.low_mode,
+        "contribution_tests": r.contribution_tests,
+        "factorial": {k: {"summary": f.summary, "primary": f.primary, "feature": f.feature, "control": f.control}
+                      for k, f in r.factorial.items()},
+        "native_sweep": r.native_sweep.to_dict(orient="records"),
+        "causal": {"target_token": r.causal["target_token"], "p": r.causal["p"],
+                   "units": {k: {"unit": u.unit, "drop": u.drop, "null_drop": u.null_drop, "n": u.n_candidates}
+                             for k, u in r.causal["units"].items()}},
+        "unit_cosines": r.unit_cosines.to_dict(), "timings": r.timings,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+VARIANT_LABELS = {
+    "sae": "Top-K SAE", "sae_wide": "Top-K SAE, param-matched", "sae_linear": "SAE + linear",
+    "sae_mlp": "SAE + linear + MLP", "joint": "joint SAE+NFM", "sequential": "sequential SAE→NFM",
+    "sae_paper": "Top-K SAE (seed recipe)", "joint_paper": "joint SAE+NFM (seed recipe)",
+}
+
+
+def plot_fidelity(r: PosthocResult):
+    """FVU, KL and ΔCE (held-out, spliced) per variant with intervals over SAE seeds; references as lines."""
+    import matplotlib.pyplot as plt
+
+    s = r.summary
+    order = [v for v in VARIANT_LABELS if v in s.index]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), sharey=True)
+    y = np.arange(len(order))
+    for ax, col, title in zip(axes, ("fvu", "kl", "delta_ce"),
+                              ("FVU (held-out)", "KL spliced (nats/token)", "ΔCE spliced (nats/token)")):
+        if col not in s:
+            ax.set_visible(False)
+            continue
+        vals = s.loc[order, col].to_numpy()
+        lo = s.loc[order, f"{col}_lo"].to_numpy() if f"{col}_lo" in s else vals
+        hi = s.loc[order, f"{col}_hi"].to_numpy() if f"{col}_hi" in s else vals
+        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]))
+        colors = ["C3" if v.startswith("joint") else "C0" if v.startswith("sae") else "C2" for v in order]
+        ax.barh(y, vals, xerr=err, color=colors, alpha=0.8, capsize=3)
+        for i, v in enumerate(order):
+            g = r.per_seed[r.per_seed.variant == v]
+            if col in g:
+                ax.plot(g[col], np.full(len(g), i), "k.", ms=4)
+        if col in ("kl", "delta_ce"):
+            rand = s.loc[order, f"{col}_random"].to_numpy()
+            ax.plot(rand, y, "|", color="k", ms=12, mew=2, label="norm-matched random error")
+            if r.zero_ablation:
+                ax.set_title(f"{title}\nzero-ablation: {r.zero_ablation[col]:.3g}", fontsize=10)
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.set_title(title, fontsize=10)
+        ax.axvline(0, color="0.5", lw=0.8)
+    axes[0].set_yticks(y, [VARIANT_LABELS[v] for v in order])
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def plot_norms(r: PosthocResult):
+    """Decoder squared norms (seed recipe: free norms) and effective norms (careful recipe), each latent's held-out
+    activation frequency beside its norm."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
+    ax = axes[0]
+    for v, c in (("sae_paper", "C0"), ("joint_paper", "C3")):
+        ax.hist(r.norms[v].sq_norm, bins=50, alpha=0.55, color=c,
+                label=f"{VARIANT_LABELS[v]} (bimodal: {r.bimodality[v]['bimodal']})")
+    ax.set_xlabel(r"decoder squared norm $\Vert W_{dec}[:, i]\Vert^2$")
+    ax.set_ylabel("latents")
+    ax.set_title("seed recipe: free decoder norms", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for v, c in (("sae_paper", "C0"), ("joint_paper", "C3")):
+        t = r.norms[v]
+        ax.scatter(t.freq + 1e-5, t.sq_norm, s=5, alpha=0.5, color=c, label=VARIANT_LABELS[v])
+    ax.set_xscale("log")
+    ax.set_xlabel("held-out activation frequency (+1e-5)")
+    ax.set_ylabel("decoder squared norm")
+    ax.set_title("is the low-norm mode latents that never fired?", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    t = r.norms["joint"]
+    ax.hist(t.effective_norm ** 2, bins=50, color="C3", alpha=0.7,
+            label=r"joint, $\Vert W_{dec} + W_{lin}\Vert^2$" + f" (bimodal: {r.bimodality['joint (effective)']['bimodal']})")
+    ax.axvline(1.0, color="k", ls=":", lw=1, label="unit-norm W_dec alone")
+    ax.set_xlabel("effective squared norm (careful recipe)")
+    ax.set_title("careful recipe: W_dec is unit-norm", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_contributions(r: PosthocResult):
+    """The seed's share inter/(inter+dec) vs decoder norm (negative by construction) beside the per-activation
+    interaction effect, which does not contain the norm."""
+    import matplotlib.pyplot as plt
+
+    c = r.contributions
+    t = r.contribution_tests
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].scatter(c.norm ** 2, c.share, s=6, alpha=0.5)
+    axes[0].set_title(f"seed's share inter/(inter+dec): ρ = {t['share']['rho']:.2f}", fontsize=10)
+    axes[0].set_ylabel("interaction share")
+    axes[1].scatter(c.norm ** 2, c.inter_per_act, s=6, alpha=0.5, color="C1")
+    axes[1].set_title(f"interaction effect per unit activation: ρ = {t['inter_per_act']['rho']:.2f}", fontsize=10)
+    axes[1].set_ylabel(r"$\Vert\Delta$NFM$\Vert / z_i$ (leave-one-out)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("decoder squared norm (joint, seed recipe)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training(log_path):
+    import json
+
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
+    df = pd.DataFrame(rows)
+    df["name"] = df.variant.str.split("/").str[0]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, (name, g) in enumerate(df.groupby("name", sort=False)):
+        for j, (_, gs) in enumerate(g.groupby("seed")):
+            ax.plot(gs.step, gs.mse, color=f"C{i}", alpha=0.7, lw=1, label=VARIANT_LABELS.get(name, name) if j == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(r"train MSE (normalised: $E\Vert x\Vert^2 = d$)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Scorecard
+
+
+def _fmt(ci) -> str:
+    m, lo, hi = ci
+    if not math.isfinite(m):
+        return "—"
+    return f"{m:+.1f}%" + (f" [{lo:+.1f}, {hi:+.1f}]" if math.isfinite(lo) else "")
+
+
+def _reduction_verdict(ci, paper_pct: float) -> tuple[str, str]:
+    m, lo, _ = ci
+    enough = math.isfinite(m) and m >= REPRODUCE_FRACTION * paper_pct and (not math.isfinite(lo) or lo > 0)
+    return (REPRODUCED if enough else NOT_REPRODUCED), enough
+
+
+def scorecard_rows(results: dict, scale: str, checkpoint: str) -> list[Row]:
+    """Rows for sae.recon, sae.kl, sae.bimodal, sae.factorial from :func:`to_json`'s dict (or an equivalent)."""
+    c = results["comparisons"]
+    n = len(results["config"]["seeds"])
+    rows = []
+    for claim_id, metric, paper, word in (("sae.recon", "fvu", PAPER_RECON_PCT, "reconstruction error (FVU)"),
+                                          ("sae.kl", "kl", PAPER_KL_PCT, "spliced KL")):
+        matched = c[f"{metric}:joint_vs_sae_wide"]
+        verdict, _ = _reduction_verdict(matched, paper)
+        ours = (f"vs param-matched SAE {_fmt(matched)}; vs same-k SAE {_fmt(c[f'{metric}:joint_vs_sae'])}; "
+                f"vs SAE+linear {_fmt(c[f'{metric}:joint_vs_sae_linear'])}; seed's way (joint minus its NFM) "
+                f"{_fmt(c[f'{metric}:seed_style'])}")
+        rows.append(Row(
+            claim_id=claim_id, source="SAE+NFM",
+            claim=f"Joint SAE+NFM lowers {word} vs Top-K SAE", paper=f"−{paper}%", ours=ours, verdict=verdict,
+            why=(f"held-out tokens, {n} SAE seed(s); decided on the independently trained, parameter-matched Top-K SAE "
+                 f"(reproduced = at least {REPRODUCE_FRACTION:.0%} of the published reduction, interval above 0); the "
+                 "seed compared the joint model with itself minus its NFM"),
+            scale=scale, checkpoint=checkpoint))
+    bm = results["bimodality"]
+    low = results["low_mode"]
+    jb, sb = bm["joint_paper"], bm["sae_paper"]
+    artefact = jb["bimodal"] and low.get("low_never_fired", 0) >= 0.5
+    held = jb["bimodal"] and not sb["bimodal"] and not artefact
+    ours = (f"joint (seed recipe): bimodal={jb['bimodal']} (modes {jb['means'][0]:.3g}, {jb['means'][1]:.3g}; "
+            f"Ashman D {jb['ashman_d']:.1f}); Top-K SAE: bimodal={sb['bimodal']}")
+    if "low_never_fired" in low:
+        ours += f"; low mode never fired on held-out: {100 * low['low_never_fired']:.0f}%"
+    why = ("two-component mixture preferred by BIC with Ashman's D > 2 and ≥ 5% in each mode; free decoder norms as "
+           "in the seed (with unit-norm decoders the claim is vacuous)")
+    if artefact:
+        why = "the low-norm mode is mostly latents that never fired (left at initialisation): an artefact, " + why
+    rows.append(Row(claim_id="sae.bimodal", source="SAE+NFM", claim="Bimodal decoder norms in the joint model",
+                    paper="modes ≈0.04 and ≈0.37", ours=ours, verdict=REPRODUCED if held else NOT_REPRODUCED,
+                    why=why, scale=scale, checkpoint=checkpoint))
+    f = results["factorial"]["sequential"]["summary"]
+    fj = results["factorial"]["joint"]["summary"]
+    held = f["p_feature"] < 0.05 and f["p_control"] >= 0.05
+    rows.append(Row(
+        claim_id="sae.factorial", source="SAE+NFM", claim="Non-additive 2×2 effects of an interaction feature",
+        paper="significant interaction",
+        ours=(f"sequential: interaction F={f['F_feature']:.2f}, p={f['p_feature']:.3g} (control p={f['p_control']:.3g});"
+              f" joint: p={fj['p_feature']:.3g} (control p={fj['p_control']:.3g})"),
+        verdict=REPRODUCED if held else NOT_REPRODUCED,
+        why=(f"feature picked on {f['n_discovery']} discovery sentences, clamp measured on {f['n_test']} test "
+             f"sentences over {f['n_words']} target words; two-way ANOVA (statsmodels); needs p<0.05 for the feature "
+             "and not for a matched control"),
+        scale=scale, checkpoint=checkpoint))
+    return rows
