@@ -1,4 +1,4 @@
-"""Command line: ``python -m reflow_core {params,prepare,train,sample,inspect,book} ...``.
+"""Command line: ``python -m reflow_core {params,prepare,train,sample,inspect,book,bench} ...``.
 
 Errors a user can fix (bad config, missing data, divergence, corrupt checkpoint) are printed as
 ``reflow_core: error: <message>`` lines with no traceback; :func:`reflow_core.launch.launch` looks for that prefix to
@@ -51,6 +51,7 @@ def report_error(error: BaseException, *, with_traceback: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from reflow_core.bench import add_bench_arguments, run_bench_cli
     from reflow_core.book import add_book_arguments, run_book_cli
     from reflow_core.data import add_prepare_arguments, run_prepare
     from reflow_core.sample import add_inspect_arguments, add_sample_arguments, run_inspect_cli, run_sample_cli
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_arguments(p).set_defaults(func=run_inspect_cli)
     p = sub.add_parser("book", help="execute the chapters with papermill at a scale and build the HTML")
     add_book_arguments(p).set_defaults(func=run_book_cli)
+    p = sub.add_parser("bench", help="time training steps and inference; compare with the reference loop")
+    add_bench_arguments(p).set_defaults(func=run_bench_cli)
     return parser
 
 
