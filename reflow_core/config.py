@@ -20,7 +20,7 @@ GPT2_VOCAB_SIZE = 50257
 PADDED_VOCAB_SIZE = 50304  # next multiple of 64: faster matmuls, as nanoGPT
 
 BLOCK_STYLES = ("gpt2", "new")
-VOCAB_STYLES = ("tied", "factored", "topk")
+VOCAB_STYLES = ("tied", "factored", "topk", "rmg", "routed")
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,7 @@ class ModelConfig:
     vocab_size: int = PADDED_VOCAB_SIZE
     real_vocab_size: int = GPT2_VOCAB_SIZE  # ids at or above this are padding, never sampled
     topk: int = 64
+    target_rate: float = 0.0625  # activation rate held by the soft-sparsity vocabularies (rmg, routed)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -81,6 +82,8 @@ class ModelConfig:
             raise bad("n_signals", "a factored vocabulary needs n_signals > 0")
         if self.vocab_style == "topk" and not 0 < self.topk <= self.n_signals:
             raise bad("topk", f"must be in 1..n_signals={self.n_signals}")
+        if not (isinstance(self.target_rate, (int, float)) and 0.0 < self.target_rate <= 1.0):
+            raise bad("target_rate", "must be in (0, 1]")
         if self.block_style == "gpt2" and self.n_kv_head not in (None, self.n_head):
             raise bad("n_kv_head", "grouped-query attention is only defined for new-style blocks")
         if not 0.0 <= self.dropout < 1.0:
@@ -129,6 +132,8 @@ FAMILIES = {
     "reflow": ("new", "factored", {}),
     "reflow-topk": ("new", "topk", {}),
     "reflow-lite": ("new", "factored", {"lite": True}),
+    "reflow-rmg": ("new", "rmg", {}),
+    "reflow-routed": ("new", "routed", {}),
 }
 
 # Sizes for our scales.  `n_signals` equals `d_model` at every size, as in the paper's configs.
@@ -167,12 +172,25 @@ FAMILY_AT_PAPER_SIZE = {
     "reflow": "reflow-1-big",  # depth-matched to GPT-2-New, the paper's interpretability model
     "reflow-topk": "reflow-1-topk-big",
     "reflow-lite": "reflow-1-lite",
+    # not published: the soft-sparsity follow-ups take the Top-K model's size and its rate K/S (64/1024 = 6.25%)
+    "reflow-rmg": "reflow-1-topk-big",
+    "reflow-routed": "reflow-1-topk-big",
 }
+
+
+def _paper_config(family: str) -> ModelConfig:
+    config = PAPER_PRESETS[FAMILY_AT_PAPER_SIZE[family]]
+    vocab_style = FAMILIES[family][1]
+    if vocab_style in ("rmg", "routed"):
+        config = config.replace(vocab_style=vocab_style, target_rate=config.topk / config.n_signals)
+    return config
 
 
 def _family_config(family: str, size: str) -> ModelConfig:
     block_style, vocab_style, extra = FAMILIES[family]
     fields = dict(SIZES[size])
+    if vocab_style in ("rmg", "routed"):  # soft sparsity at the Top-K variant's activation rate: K / S
+        fields["target_rate"] = fields["topk"] / fields["n_signals"]
     if block_style == "gpt2":
         fields.pop("n_signals")
     if vocab_style != "topk":
@@ -194,10 +212,10 @@ def get_config(name: str, **overrides) -> ModelConfig:
     family, _, size = name.partition("@")
     if not size:
         config = PAPER_PRESETS.get(name) or (
-            PAPER_PRESETS[FAMILY_AT_PAPER_SIZE[name]] if name in FAMILY_AT_PAPER_SIZE else None
+            _paper_config(name) if name in FAMILY_AT_PAPER_SIZE else None
         )
     elif family in FAMILIES and size == "paper":
-        config = PAPER_PRESETS[FAMILY_AT_PAPER_SIZE[family]]
+        config = _paper_config(family)
     elif family in FAMILIES and size in SIZES:
         config = _family_config(family, size)
     else:

@@ -442,3 +442,9 @@ def head_costs(config: ModelConfig, n_tokens: int) -> dict[str, int]:
         "signals_first": n_tokens * d * S + n_tokens * S * V,  # (H·Bᵀ)·Rᵀ
         "embedding_first": V * S * d + n_tokens * V * d,  # H·(R·B)ᵀ
     }
+
+
+# The soft-sparsity vocabularies (``rmg``, ``routed``) live in their own module, which subclasses FactoredVocab and
+# adds itself to VOCAB_MODULES on import; importing it here (after everything it needs is defined) registers them
+# whichever of the two modules is imported first.
+import reflow_core.soft_sparsity  # noqa: E402,F401

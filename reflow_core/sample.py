@@ -35,12 +35,17 @@ def sample(
     seed: int = 1337,
     num_samples: int = 1,
     device: str = "auto",
+    monitor=None,
 ) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (each returned with the prompt in front).
 
     ``checkpoint`` is a checkpoint or run directory, or an already loaded model (notebooks reuse one).  An empty
     prompt starts from <|endoftext|>, i.e. from the start of a document.  ``temperature=0`` is greedy decoding.
     The same seed gives the same samples on the same device.
+
+    ``monitor`` (optional, e.g. a :class:`reflow_core.monitor.CoherenceMonitor`) is fed the hidden state of every
+    generation step; afterwards ``monitor.fire_step[i]`` says whether and when it flagged sample i.  Without it,
+    nothing changes.
     """
     if isinstance(checkpoint, torch.nn.Module):
         model = ckpt_io.unwrap_model(checkpoint)
@@ -56,7 +61,11 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        if monitor is None:
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        else:
+            with monitor.attach(model):
+                out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     finally:
         model.train(was_training)
     return [prompt + decode(row[len(ids):].tolist()) for row in out]
