@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GPT2_VOCAB_SIZE = 50257
 PADDED_VOCAB_SIZE = 50304  # next multiple of 64: faster matmuls, as nanoGPT

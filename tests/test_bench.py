@@ -4,8 +4,6 @@ the Cost chapter runs at scale test (slow)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

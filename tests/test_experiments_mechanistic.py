@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from chapter_checks import check_chapter
 from planted import identity_model
 
 from reflow_core.config import get_config
@@ -204,15 +205,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_mechanistic_notebook_executes(real_book):
-    _, results = real_book
-    results = str(results)
-    out = Path(results) / "notebooks" / "05_mechanistic.ipynb"  # executed by the shared real-book run
-    assert out.is_file()
-    figs = Path(results) / "figures"
-    for name in ("fig-mechanistic-evolution", "fig-mechanistic-crystallisation", "fig-mechanistic-flow",
-                 "fig-mechanistic-ablation"):
-        assert (figs / f"{name}.png").exists()
-    from reflow_core.results import load_result
-
-    rows = load_result(results, "scorecard-mechanistic")["rows"]
-    assert {r["claim_id"] for r in rows} == {"ablation.single", "ablation.codebook", "evolution.crystallisation"}
+    check_chapter(real_book, "05_mechanistic",
+                  ["fig-mechanistic-evolution", "fig-mechanistic-crystallisation", "fig-mechanistic-flow",
+                   "fig-mechanistic-ablation"],
+                  "scorecard-mechanistic", {"ablation.single", "ablation.codebook", "evolution.crystallisation"})

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from chapter_checks import check_chapter
 
 from reflow_core.config import get_config
 from reflow_core.experiments import algebra, atlas, galaxy, typo
@@ -158,14 +159,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_semantic_notebook_executes(real_book):
-    _, results = real_book
-    results = str(results)
-    out = Path(results) / "notebooks" / "04_semantic_properties.ipynb"  # executed by the shared real-book run
-    assert out.is_file()
-    figs = Path(results) / "figures"
-    for name in ("fig-semantic-galaxy", "fig-semantic-algebra", "fig-semantic-typo"):
-        assert (figs / f"{name}.png").exists(), name
-    from reflow_core.results import load_result
-
-    rows = load_result(results, "scorecard-semantic")["rows"]
-    assert {r["claim_id"] for r in rows} == {"galaxy.silhouette", "algebra.hits", "topk.collapse", "typo.resilience"}
+    check_chapter(real_book, "04_semantic_properties",
+                  ["fig-semantic-galaxy", "fig-semantic-algebra", "fig-semantic-typo"],
+                  "scorecard-semantic", {"galaxy.silhouette", "algebra.hits", "topk.collapse", "typo.resilience"})

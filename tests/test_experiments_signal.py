@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from chapter_checks import check_chapter
 
 from reflow_core.config import get_config
 from reflow_core.experiments import atlas, common, geometry, sparsity
@@ -195,15 +196,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_signal_identity_notebook_executes(real_book):
-    _, results = real_book
-    results = str(results)
-    out = Path(results) / "notebooks" / "03_signal_identity.ipynb"  # executed by the shared real-book run
-    assert out.is_file()
-    figs = Path(results) / "figures"
-    for name in ("fig-signal-identity-atlas-heatmap", "fig-signal-identity-atlas-purity",
-                 "fig-signal-identity-sparsity-sweep", "fig-signal-identity-geometry"):
-        assert (figs / f"{name}.png").exists(), name
-    from reflow_core.results import load_result
-
-    rows = load_result(results, "scorecard-signal-identity")["rows"]
-    assert {r["claim_id"] for r in rows} == {"atlas.three_four", "atlas.top20", "sparsity.rate", "sparsity.gini"}
+    check_chapter(real_book, "03_signal_identity",
+                  ["fig-signal-identity-atlas-heatmap", "fig-signal-identity-atlas-purity",
+                   "fig-signal-identity-sparsity-sweep", "fig-signal-identity-geometry"],
+                  "scorecard-signal-identity", {"atlas.three_four", "atlas.top20", "sparsity.rate", "sparsity.gini"})

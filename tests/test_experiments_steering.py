@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from chapter_checks import check_chapter
 from planted import identity_model
 
 from reflow_core import steering
@@ -234,19 +235,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_steering_notebook_executes_with_widget_state(real_book):
-    _, results = real_book
-    results = str(results)
-    out = Path(results) / "notebooks" / "06_steering.ipynb"  # executed by the shared real-book run
-    assert out.is_file()
-    import nbformat
-
-    nb = nbformat.read(out, as_version=4)
+    nb = check_chapter(real_book, "06_steering",
+                       ["fig-steering-emotion", "fig-steering-inception", "fig-steering-hijack", "fig-steering-panel"],
+                       "scorecard-steering", {"emotion.flip", "inception.alpha", "hijack.sentiment"})
     state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     assert any(w.get("model_name") == "FloatSliderModel" for w in state.values())
-    figs = Path(results) / "figures"
-    for name in ("fig-steering-emotion", "fig-steering-inception", "fig-steering-hijack", "fig-steering-panel"):
-        assert (figs / f"{name}.png").exists()
-    from reflow_core.results import load_result
-
-    rows = load_result(results, "scorecard-steering")["rows"]
-    assert {r["claim_id"] for r in rows} == {"emotion.flip", "inception.alpha", "hijack.sentiment"}

@@ -5,6 +5,7 @@ Everything runs on tiny models built here (no training data, no checkpoints)."""
 import numpy as np
 import pytest
 import torch
+from chapter_checks import check_chapter
 
 from reflow_core import tokenizer
 from reflow_core.config import get_config
@@ -182,3 +183,15 @@ def test_monitor_through_sample_and_evaluation_on_a_tiny_model():
     assert len(ev.texts) == 2 and set(ev.fire) == {"L0 state", "L0 step", "L2 state", "L2 step", "n-gram"}
     assert ev.trajectories["L2 step"].shape == (2, 24)
     assert len(ev.table()) == 5
+
+
+@pytest.mark.slow
+def test_sparsity_variants_chapter(real_book):
+    check_chapter(real_book, "08_sparsity_variants", ["fig-sparsity-variants-metrics"],
+                  "scorecard-sparsity-variants", {"thread.soft_sparsity"})
+
+
+@pytest.mark.slow
+def test_thread_followups_chapter(real_book):
+    check_chapter(real_book, "09_thread_followups", ["fig-followups-boundary", "fig-followups-monitor"],
+                  "scorecard-followups", {"thread.boundary_shift", "thread.loop_monitor"})

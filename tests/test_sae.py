@@ -6,7 +6,7 @@ import torch
 
 from reflow_core.sae import activations, metrics
 from reflow_core.sae.report import torch_threads
-from reflow_core.sae.topk import TopKSAE, width_for_params
+from reflow_core.sae.topk import TopKSAE
 from reflow_core.sae.train import Reconstructor, SAEConfig, build_variant, train_reconstructor
 
 

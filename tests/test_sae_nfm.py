@@ -1,11 +1,11 @@
 """NFM pooling, a planted interaction, splicing into the model, the analysis helpers and the chapter's rows."""
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from chapter_checks import check_chapter
 
 from reflow_core.sae import activations, metrics
 from reflow_core.sae.nfm import NFM, bi_interaction, bi_interaction_dense
@@ -193,14 +193,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_posthoc_notebook_executes(real_book):
-    _, results = real_book
-    results = str(results)
-    out = Path(results) / "notebooks" / "07_posthoc.ipynb"  # executed by the shared real-book run
-    assert out.is_file()
-    figs = Path(results) / "figures"
-    for name in ("training", "fidelity", "norms", "contributions", "factorial", "native"):
-        assert (figs / f"fig-posthoc-{name}.png").exists()
-    from reflow_core.results import load_result
-
-    rows = load_result(results, "scorecard-posthoc")["rows"]
-    assert {r["claim_id"] for r in rows} == {"sae.recon", "sae.kl", "sae.bimodal", "sae.factorial"}
+    check_chapter(real_book, "07_posthoc",
+                  [f"fig-posthoc-{name}" for name in
+                   ("training", "fidelity", "norms", "contributions", "factorial", "native")],
+                  "scorecard-posthoc", {"sae.recon", "sae.kl", "sae.bimodal", "sae.factorial"})

@@ -25,7 +25,6 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from reflow_core import tokenizer
 

@@ -85,7 +85,7 @@ def plot_flow(result: FlowResult):
     kw = dict(cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     im = a1.imshow(result.layer_by_signal, **kw)
     a1.set_ylabel("layer"); a1.set_xlabel("signal")
-    a1.set_title(f"last position, every layer", fontsize=10)
+    a1.set_title("last position, every layer", fontsize=10)
     a2.imshow(result.position_by_signal, **kw)
     a2.set_yticks(range(T), [repr(t) for t in result.tokens], fontsize=7)
     a2.set_xlabel("signal"); a2.set_title("final layer, every position", fontsize=10)

@@ -28,6 +28,8 @@ from reflow_core.sae.nfm import NFM
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained: squared error over the variance of x around its mean (0 = perfect)."""
+    x, x_hat = x.detach(), x_hat.detach()
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
 
 
