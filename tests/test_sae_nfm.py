@@ -148,7 +148,7 @@ def test_contribution_interaction_matches_leave_one_out_by_hand():
 
 def fake_results(fvu_wide=(45.0, 30.0, 60.0), kl_wide=(10.0, -5.0, 25.0), bimodal=True, never=0.9, p=0.01, pc=0.6):
     comps = {f"{m}:{c}": (1.0, 0.0, 2.0) for m in ("fvu", "kl") for c in (
-        "joint_vs_sae", "joint_vs_sae_linear", "seed_style")}
+        "joint_vs_sae", "joint_vs_sae_linear", "joint_vs_sae_mlp", "seed_style")}
     comps["fvu:joint_vs_sae_wide"], comps["kl:joint_vs_sae_wide"] = fvu_wide, kl_wide
     fact = {"F_feature": 5.0, "p_feature": p, "p_control": pc, "n_discovery": 48, "n_test": 40, "n_words": 44}
     return {
@@ -168,6 +168,7 @@ def test_scorecard_rows_verdicts():
     assert set(rows) == {"sae.recon", "sae.kl", "sae.bimodal", "sae.factorial"}
     assert set(rows) <= set(load_claims().claim_id)
     assert rows["sae.recon"].verdict == REPRODUCED  # 45% ≥ half of 41.3%, interval above 0
+    assert "param-matched SAE -45.0% [-60.0, -30.0]" in rows["sae.recon"].ours  # a change in error, as the paper's
     assert rows["sae.kl"].verdict == NOT_REPRODUCED  # 10% < half of 51.6%
     assert rows["sae.bimodal"].verdict == NOT_REPRODUCED  # bimodal, but the low mode never fired
     assert "artefact" in rows["sae.bimodal"].why

@@ -333,6 +333,12 @@ def _fmt(ci) -> str:
     return f"{m:+.1f}%" + (f" [{lo:+.1f}, {hi:+.1f}]" if math.isfinite(lo) else "")
 
 
+def _fmt_change(reduction_ci) -> str:
+    """A reduction (positive = lower error) written as the change in error, the sign the paper's −41.3% uses."""
+    m, lo, hi = reduction_ci
+    return _fmt((-m, -hi, -lo))
+
+
 def _reduction_verdict(ci, paper_pct: float) -> tuple[str, str]:
     m, lo, _ = ci
     enough = math.isfinite(m) and m >= REPRODUCE_FRACTION * paper_pct and (not math.isfinite(lo) or lo > 0)
@@ -348,9 +354,11 @@ def scorecard_rows(results: dict, scale: str, checkpoint: str) -> list[Row]:
                                           ("sae.kl", "kl", PAPER_KL_PCT, "spliced KL")):
         matched = c[f"{metric}:joint_vs_sae_wide"]
         verdict, _ = _reduction_verdict(matched, paper)
-        ours = (f"vs param-matched SAE {_fmt(matched)}; vs same-k SAE {_fmt(c[f'{metric}:joint_vs_sae'])}; "
-                f"vs SAE+linear {_fmt(c[f'{metric}:joint_vs_sae_linear'])}; seed's way (joint minus its NFM) "
-                f"{_fmt(c[f'{metric}:seed_style'])}")
+        ours = (f"vs param-matched SAE {_fmt_change(matched)}; vs same-k SAE "
+                f"{_fmt_change(c[f'{metric}:joint_vs_sae'])}; vs SAE+linear "
+                f"{_fmt_change(c[f'{metric}:joint_vs_sae_linear'])}; vs SAE+MLP without FM pooling "
+                f"{_fmt_change(c[f'{metric}:joint_vs_sae_mlp'])}; seed's way (joint minus its NFM) "
+                f"{_fmt_change(c[f'{metric}:seed_style'])}")
         rows.append(Row(
             claim_id=claim_id, source="SAE+NFM",
             claim=f"Joint SAE+NFM lowers {word} vs Top-K SAE", paper=f"−{paper}%", ours=ours, verdict=verdict,
