@@ -156,10 +156,11 @@ def toc_notebooks(repo_root: str | os.PathLike) -> list[Path]:
     return notebooks
 
 
-def _runs_after_all(notebook: Path) -> bool:
-    """True if the notebook's metadata asks to run after every other chapter (e.g. the scorecard)."""
+def _run_rank(notebook: Path) -> int:
+    """0 for an ordinary chapter; ``{"reflow": {"run_after_all": true}}`` (or a rank N ≥ 1) runs it after every
+    chapter of a lower rank — the Cost chapter (1) reads the others' wall times, the scorecard (2) everyone's rows."""
     meta = json.loads(notebook.read_text(encoding="utf8")).get("metadata", {})
-    return bool(meta.get("reflow", {}).get("run_after_all", False))
+    return int(meta.get("reflow", {}).get("run_after_all", 0))
 
 
 def _select(notebooks: list[Path], only: Sequence[str] | None) -> list[Path]:
@@ -174,10 +175,8 @@ def _select(notebooks: list[Path], only: Sequence[str] | None) -> list[Path]:
 
 
 def execution_order(notebooks: Sequence[Path]) -> list[Path]:
-    """TOC order, except that notebooks marked ``{"reflow": {"run_after_all": true}}`` go last (in TOC order)."""
-    first = [p for p in notebooks if not _runs_after_all(p)]
-    last = [p for p in notebooks if _runs_after_all(p)]
-    return first + last
+    """TOC order, except that notebooks with a ``run_after_all`` rank go last, by rank (ties in TOC order)."""
+    return sorted(notebooks, key=_run_rank)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def scorecard_rows(ev: MonitorEval, scale: str, checkpoint: str) -> list[Row]:
         why = (f"reproduced = precision and recall both ≥ 0.8 for the thread's rule (cos > {ev.threshold:g}, "
                f"sustained {ev.patience} steps, window {ev.window}) at the deepest layer monitored; loops labelled "
                "by repeated n-grams")
-    return [Row(claim_id="thread.loop_monitor", source="reFlow thread",
-                claim="Hidden-state cosine flags generation loops", paper="cos > 0.95 at a deep layer", ours=ours,
+    return [Row(claim_id="thread.loop_monitor",
+                ours=ours,
                 verdict=verdict, why=why, scale=scale, checkpoint=checkpoint)]
 

@@ -8,7 +8,9 @@ saying why — the numbers themselves come from the measurements, never from typ
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -22,22 +24,40 @@ NOT_YET = "not yet measured"
 VERDICTS = (REPRODUCED, NOT_REPRODUCED, NOT_TESTABLE, NOT_YET)
 
 
-@dataclass
+REGISTRY_FIELDS = ("source", "claim", "paper")
+
+
+@dataclass(kw_only=True)
 class Row:
-    claim_id: str  # stable id, e.g. "training.val_gap"
-    source: str  # "reFlow" | "reFlow thread" | "SAE+NFM"
-    claim: str  # the claim in a few words
-    paper: str  # the paper's figure, as published
+    """One measured claim.  ``source``, ``claim`` and ``paper`` come from the registry (``assets/claims.json``) by
+    ``claim_id``, so the published figure is written in one place; a chapter supplies only what it measured."""
+
+    claim_id: str  # stable id, e.g. "training.val_gap"; must be in the registry
     ours: str  # our measured figure, formatted
     verdict: str
     why: str  # one line
     scale: str
     checkpoint: str
     chapter: str = ""
+    source: str = field(init=False)  # "reFlow" | "reFlow thread" | "SAE+NFM"
+    claim: str = field(init=False)  # the claim in a few words
+    paper: str = field(init=False)  # the paper's figure, as published
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        registered = _registry().get(self.claim_id)
+        if registered is None:
+            raise ValueError(f"claim_id {self.claim_id!r} is not in assets/claims.json")
+        for name in REGISTRY_FIELDS:
+            setattr(self, name, registered[name])
+
+
+@functools.cache
+def _registry() -> dict[str, dict]:
+    from importlib.resources import files
+
+    return {c["claim_id"]: c for c in json.loads(files("reflow_core").joinpath("assets/claims.json").read_text())}
 
 
 def save_rows(results_dir: str | Path, chapter: str, rows: list[Row]) -> Path:
@@ -54,8 +74,9 @@ def collect_rows(results_dir: str | Path, chapters: list[str] | None = None) -> 
     for name in names:
         stored = load_result(results_dir, f"scorecard-{name}")
         if stored:
-            rows.extend(Row(**r) for r in stored["rows"])
-    columns = [f.name for f in Row.__dataclass_fields__.values()]
+            # what a row says of the paper is read from today's registry, not from the stored copy
+            rows.extend(Row(**{k: v for k, v in r.items() if k not in REGISTRY_FIELDS}) for r in stored["rows"])
+    columns = ["claim_id", *REGISTRY_FIELDS, "ours", "verdict", "why", "scale", "checkpoint", "chapter"]
     return pd.DataFrame([asdict(r) for r in rows], columns=columns)
 
 
@@ -66,19 +87,13 @@ def verdict_within(ours: float, paper: float, rel_tol: float) -> str:
 
 def load_claims() -> pd.DataFrame:
     """Every claim of the sources the book tracks (``assets/claims.json``), measured or not."""
-    import json
-    from importlib.resources import files
-
-    return pd.DataFrame(json.loads(files("reflow_core").joinpath("assets/claims.json").read_text()))
+    return pd.DataFrame(list(_registry().values()))
 
 
 def scorecard_table(results_dir: str | Path) -> pd.DataFrame:
     """Stored rows joined onto the claim registry; claims no chapter measured say so."""
-    rows = collect_rows(results_dir)
+    rows = collect_rows(results_dir)  # a row whose claim is not registered is refused when it is read
     claims = load_claims()
-    unknown = sorted(set(rows["claim_id"]) - set(claims["claim_id"]))
-    if unknown:
-        raise ValueError(f"scorecard rows for claims not in assets/claims.json: {unknown}")
     missing = claims[~claims["claim_id"].isin(rows["claim_id"])]
     pending = pd.DataFrame({
         **{c: missing[c] for c in ("claim_id", "source", "claim", "paper")},
@@ -102,8 +117,7 @@ PAPER_VAL_GAP_PCT = 1.0
 
 def architecture_rows(n_match: int, n_total: int, scale: str) -> list[Row]:
     return [Row(
-        claim_id="arch.params", source="reFlow", claim="Parameter counts of the paper's configurations",
-        paper="463.67M / 515.06M / 46.47M / 505.62M / 514.01M (+ Lite 413.34M)",
+        claim_id="arch.params",
         ours=f"{n_match}/{n_total} exact to two decimals",
         verdict=REPRODUCED if n_match == n_total else NOT_REPRODUCED,
         why="counted by instantiating each config on the meta device (nanoGPT conventions, SwiGLU width rule)",
@@ -117,9 +131,7 @@ def training_rows(val_loss: dict[str, float], scale: str, checkpoint: str, n_see
         gap = 100 * (val_loss["reflow"] - val_loss["gpt2-new"]) / val_loss["gpt2-new"]
         held = gap <= PAPER_VAL_GAP_PCT + VAL_GAP_TOLERANCE_PCT
         rows.append(Row(
-            claim_id="training.val_gap", source="reFlow",
-            claim="reFlow converges within ~1% of GPT-2-New at matched depth",
-            paper="+~1% (36 layers); +~3% for 32 vs 36 layers",
+            claim_id="training.val_gap",
             ours=f"{gap:+.2f}% (val {val_loss['reflow']:.3f} vs {val_loss['gpt2-new']:.3f}, same depth and budget)",
             verdict=REPRODUCED if held else NOT_REPRODUCED,
             why=(f"{n_seeds} seed(s); tolerance {VAL_GAP_TOLERANCE_PCT:g} points above the paper's gap for seed noise"
@@ -127,8 +139,8 @@ def training_rows(val_loss: dict[str, float], scale: str, checkpoint: str, n_see
             scale=scale, checkpoint=checkpoint,
         ))
     rows.append(Row(
-        claim_id="training.scaling", source="reFlow", claim="Three-point scaling of validation loss",
-        paper="46M 3.55 → 464M 3.01 → 515M 2.92", ours="—",
+        claim_id="training.scaling",
+        ours="—",
         verdict=NOT_TESTABLE if scale != "paper" else NOT_YET,
         why="needs the 464M and 515M models on OpenWebText (paper scale)",
         scale=scale, checkpoint=checkpoint,

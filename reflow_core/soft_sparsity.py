@@ -347,6 +347,5 @@ def soft_sparsity_row(metrics: dict[str, VariantMetrics], scale: str, checkpoint
         verdict = REPRODUCED if held else NOT_REPRODUCED
         why = (f"reproduced = a soft variant beats Top-K on all three statistics at the same activation rate; best "
                f"{best.removeprefix('reflow-')}: better on {len(kept[best])}/3")
-    return Row(claim_id="thread.soft_sparsity", source="reFlow thread",
-               claim="Soft sparsity (RMG, learned routing) keeps structure Top-K loses", paper="announced, no numbers",
+    return Row(claim_id="thread.soft_sparsity",
                ours=ours, verdict=verdict, why=why, scale=scale, checkpoint=checkpoint)

@@ -21,11 +21,11 @@ from reflow_core.figures import caption, provenance, save_figure, validate_figur
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_notebook(path: Path, *, run_after_all: bool = False, source: str = "x = 1") -> Path:
+def write_notebook(path: Path, *, run_after_all: bool | int = False, source: str = "x = 1") -> Path:
     """A minimal valid notebook (nbformat 4) with a parameters cell."""
     metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
     if run_after_all:
-        metadata["reflow"] = {"run_after_all": True}
+        metadata["reflow"] = {"run_after_all": run_after_all}
     nb = {
         "nbformat": 4, "nbformat_minor": 5, "metadata": metadata,
         "cells": [
@@ -110,6 +110,12 @@ def test_toc_notebooks_in_reading_order(nested_repo):
 def test_run_after_all_goes_last_but_keeps_toc_order(nested_repo):
     order = [p.stem for p in book.execution_order(book.toc_notebooks(nested_repo))]
     assert order == ["01_architecture", "01b_details", "02_training", "scorecard"]
+
+
+def test_run_after_all_ranks_order_the_late_notebooks(tmp_path):
+    toc = "format: jb-book\nroot: book/intro\nchapters:\n  - file: n/last\n  - file: n/a\n  - file: n/late\n  - file: n/b\n"
+    repo = make_repo(tmp_path, toc, {"n/last": 2, "n/a": False, "n/late": True, "n/b": False})
+    assert [p.stem for p in book.execution_order(book.toc_notebooks(repo))] == ["a", "b", "late", "last"]
 
 
 def test_missing_toc_file_is_named(nested_repo):
@@ -331,3 +337,19 @@ def test_cli_reports_errors_as_exit_code(nested_repo, monkeypatch, capsys):
     args = book.add_book_arguments(argparse.ArgumentParser()).parse_args(["--scale", "paper", "--no-execute"])
     assert book.run_book_cli(args) == 1
     assert "no stored results for scale 'paper'" in capsys.readouterr().err
+
+
+def test_scorecard_rows_take_the_paper_side_from_the_registry(tmp_path):
+    from reflow_core import scorecard
+
+    row = scorecard.Row(claim_id="sae.kl", ours="-40%", verdict=scorecard.REPRODUCED, why="w", scale="test",
+                        checkpoint="c")
+    assert (row.source, row.paper) == ("SAE+NFM", "−51.6%")
+    scorecard.save_rows(tmp_path, "x", [row])
+    table = scorecard.scorecard_table(tmp_path)
+    assert table.set_index("claim_id").loc["sae.kl", "ours"] == "-40%"
+    assert (table["verdict"] == scorecard.NOT_YET).sum() == len(table) - 1  # every other claim shows as unmeasured
+    with pytest.raises(ValueError, match="'sae.typo' is not in assets/claims.json"):
+        scorecard.Row(claim_id="sae.typo", ours="", verdict=scorecard.REPRODUCED, why="", scale="", checkpoint="")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        scorecard.Row(claim_id="sae.kl", ours="", verdict="held", why="", scale="", checkpoint="")

@@ -225,8 +225,7 @@ def scorecard_rows(paper_prompt: AblationResult, over_prompts: dict, scale: str,
     if paris is not None:
         paris_text = f"; p(' Paris') {100 * paris.p_before:.3g}% → {100 * paris.p_top[0]:.3g}%"
     rows = [Row(
-        claim_id="ablation.single", source="reFlow", claim="Ablating one signal collapses the target",
-        paper="p(Paris) 8.31% → 0.03%",
+        claim_id="ablation.single",
         ours=(f"{r.prompt!r}: p({r.target_token!r}) {100 * r.p_before:.3g}% → {100 * r.p_top[0]:.3g}% "
               f"(÷{fold:.3g}; random single signal: median ÷"
               f"{float(np.median(r.p_before / np.maximum(r.p_random[0], 1e-12))):.3g}){paris_text}; "
@@ -238,8 +237,7 @@ def scorecard_rows(paper_prompt: AblationResult, over_prompts: dict, scale: str,
     )]
     fw = r.codebook_function_share
     rows.append(Row(
-        claim_id="ablation.codebook", source="reFlow", claim="That signal is a function-word channel",
-        paper="{the, a, in, to, an, at}",
+        claim_id="ablation.codebook",
         ours="{" + ", ".join(t.strip() or repr(t) for t in r.codebook) + "}" + f" ({100 * fw:.0f}% function words)",
         verdict=REPRODUCED if fw >= 0.5 and fw > r.null_function_share else NOT_REPRODUCED,
         why=f"function-word share vs {100 * r.null_function_share:.0f}% in codebooks of random signals (null)",

@@ -185,7 +185,7 @@ def scorecard_rows(results: dict[str, list[AlgebraResult]], scale: str, checkpoi
     null = float(np.mean([r.null_mrr.mean() for r in rs]))
     base = "; ".join(f"{n} MRR {seed_interval([r.mrr for r in results[n]]).mean:.3f}" for n in results if n != "reflow")
     return [Row(
-        claim_id="algebra.hits", source="reFlow", claim="Recipe-space semantic algebra", paper="3/3 (ranks #1, #1, #2)",
+        claim_id="algebra.hits",
         ours=(f"{min(hits)}/3 (ranks {ranks_txt}); all {len(rs[0].analogies)}: hits@1 "
               f"{seed_interval([r.hits(1) for r in rs]).fmt('.2f')}, MRR {mrr.fmt('.3f')} (random targets {null:.3f})"),
         verdict=REPRODUCED if min(hits) == 3 else NOT_REPRODUCED,
@@ -200,8 +200,8 @@ def topk_collapse_row(atlas_results: dict, algebra_results: dict, galaxy_results
     from reflow_core.scorecard import NOT_TESTABLE
 
     if "reflow-topk" not in algebra_results:
-        return Row(claim_id="topk.collapse", source="reFlow", claim="Hard Top-64 sparsity destroys recipe semantics",
-                   paper="cos 0.76→0.30, algebra 3/3→0/3, silhouette +0.11→−0.02", ours="—", verdict=NOT_TESTABLE,
+        return Row(claim_id="topk.collapse",
+                   ours="—", verdict=NOT_TESTABLE,
                    why="reflow-topk was not trained at this scale", scale=scale, checkpoint=checkpoint)
 
     def tf(name):
@@ -218,8 +218,7 @@ def topk_collapse_row(atlas_results: dict, algebra_results: dict, galaxy_results
     mrr = {n: seed_interval([r.mrr for r in algebra_results[n]]).mean for n in (a, b)}
     worse = [tf(b) < tf(a), mrr[b] < mrr[a], sil(b) < sil(a)]
     return Row(
-        claim_id="topk.collapse", source="reFlow", claim="Hard Top-64 sparsity destroys recipe semantics",
-        paper="cos 0.76→0.30, algebra 3/3→0/3, silhouette +0.11→−0.02",
+        claim_id="topk.collapse",
         ours=(f"cos {tf(a):.2f}→{tf(b):.2f}, algebra {hits(a)}/3→{hits(b)}/3 (MRR {mrr[a]:.3f}→{mrr[b]:.3f}), "
               f"silhouette {sil(a):+.3f}→{sil(b):+.3f}"),
         verdict=REPRODUCED if all(worse) else NOT_REPRODUCED,

@@ -240,7 +240,6 @@ def scorecard_rows(result: BoundaryResult, scale: str, checkpoint: str) -> list[
         verdict = REPRODUCED if held else NOT_REPRODUCED
         why = ("reproduced = long-context boundary deeper than short with two-sided Mann–Whitney p < 0.05; "
                f"{len(result.items)} prompt pairs")
-    return [Row(claim_id="thread.boundary_shift", source="reFlow thread",
-                claim="Crystallisation boundary moves deeper for long-clause contexts",
-                paper="≈L18 short vs up to L28 long", ours=ours, verdict=verdict, why=why, scale=scale,
+    return [Row(claim_id="thread.boundary_shift",
+                ours=ours, verdict=verdict, why=why, scale=scale,
                 checkpoint=checkpoint)]

@@ -171,15 +171,13 @@ def scorecard_rows(result: EmotionResult, scale: str, checkpoint: str, n_layer: 
     n_neg, n_all = result.n_start_negative.get("early", 0), len(result.flips["early"])
     if n_neg == 0:
         return [Row(
-            claim_id="emotion.flip", source="reFlow", claim="Emotion surgery flips sentiment from early layers",
-            paper="terrible → great, L0–L12 injection",
+            claim_id="emotion.flip",
             ours=f"none of the {n_all} negative prompts makes the model prefer a negative word ({examples})",
             verdict=NOT_TESTABLE, why="nothing to flip: the unsteered model never leans negative on these prompts",
             scale=scale, checkpoint=checkpoint,
         )]
     return [Row(
-        claim_id="emotion.flip", source="reFlow", claim="Emotion surgery flips sentiment from early layers",
-        paper="terrible → great, L0–L12 injection",
+        claim_id="emotion.flip",
         ours=(f"L{rng['early'][0]}–L{rng['early'][1]} injection flips the top sentiment word on {100 * early:.0f}% of "
               f"the {n_neg} of {n_all} negative prompts that start negative ({examples}); late L{rng['late'][0]}–L{rng['late'][1]}: {100 * late:.0f}%; "
               f"α = {result.rel_alpha:.2g}× median ‖h‖"),

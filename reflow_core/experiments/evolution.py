@@ -189,8 +189,7 @@ def scorecard_rows(results: dict[str, EvolutionResult], scale: str, checkpoint: 
             null_parts.append(f"{label} {b.summary['median_crystal_frac']:.2f}")
     null_text = ("; null/baseline medians: " + ", ".join(null_parts)) if null_parts else ""
     return [Row(
-        claim_id="evolution.crystallisation", source="reFlow", claim="Semantic decisions crystallise mid-depth",
-        paper="L12–L18 of 36 (0.33–0.50 of depth)",
+        claim_id="evolution.crystallisation",
         ours=(f"median crystallisation layer {s['median_crystal_layer']:.0f} of {r.n_layer} "
               f"({s['median_crystal_frac']:.2f} of depth; {100 * s['frac_in_paper_band']:.0f}% of prompts in 0.33–0.50)"),
         verdict=REPRODUCED if inside and not null_also else NOT_REPRODUCED,

@@ -127,8 +127,7 @@ def scorecard_rows(results: dict[str, list[GalaxyResult]], scale: str, checkpoin
     base = "; ".join(f"{n} {seed_interval([r.silhouette for r in results[n]]).mean:+.3f}" for n in results if n != "reflow")
     held = s.mean > 0 and p < ALPHA
     return [Row(
-        claim_id="galaxy.silhouette", source="reFlow", claim="PCA clusters of word categories",
-        paper="silhouette 0.1052",
+        claim_id="galaxy.silhouette",
         ours=f"{s.fmt('.4f')} (cosine, full space; 2-D PCA {s2.fmt('.4f')}); permutation p={p:.3f}",
         verdict=REPRODUCED if held else NOT_REPRODUCED,
         why=(f"reproduced = positive and beyond the label-permutation null (p < {ALPHA}); baselines: {base}; "

@@ -206,8 +206,7 @@ def scorecard_rows(result: HijackResult, scale: str, checkpoint: str) -> list[Ro
     grammar_kept = result.delta_loss <= max(null_hi, 0.0) + LOSS_TOLERANCE
     ok = result.flip_rate >= 0.5 and grammar_kept
     return [Row(
-        claim_id="hijack.sentiment", source="reFlow", claim="Global recipe edit flips sentiment, grammar intact",
-        paper="qualitative",
+        claim_id="hijack.sentiment",
         ours=(f"swapping {len(result.pairs)} antonym rows flips the sentiment score on {100 * result.flip_rate:.0f}% of "
               f"prompts (random swaps: {100 * result.null_flip_rate:.0f}%); Δ val loss {result.delta_loss:+.4f} nats "
               f"(random frequency-matched swaps: 95th pct {null_hi:+.4f})"),

@@ -152,5 +152,5 @@ def scorecard_rows(result: InceptionResult, scale: str, checkpoint: str) -> list
         verdict = NOT_TESTABLE
         why = ("α is in residual-stream units, which depend on width and depth; the concept direction vs random "
                "directions of the same norm is the testable part")
-    return [Row(claim_id="inception.alpha", source="reFlow", claim="Concept inception critical strength",
-                paper="α ≈ 18.4", ours=ours, verdict=verdict, why=why, scale=scale, checkpoint=checkpoint)]
+    return [Row(claim_id="inception.alpha",
+                ours=ours, verdict=verdict, why=why, scale=scale, checkpoint=checkpoint)]

@@ -182,8 +182,7 @@ def scorecard_rows(results: dict[str, list[TypoResult]], scale: str, checkpoint:
     held = ro.mean > null and p < ALPHA
     split = float(np.mean([t > 1 for t in rs[0].n_typo_tokens]))
     return [Row(
-        claim_id="typo.resilience", source="reFlow", claim="Misspelt words read like the correct ones",
-        paper="experiment listed; no number published",
+        claim_id="typo.resilience",
         ours=(f"final read-out cos {ro.fmt('.3f')} vs random pairs {null:.3f} (p={p:.3f}); next-token top-1 "
               f"agreement {t1.fmt('.2f')} vs {t1n:.2f}"),
         verdict=REPRODUCED if held else NOT_REPRODUCED,
