@@ -138,7 +138,7 @@ def test_contribution_interaction_matches_leave_one_out_by_hand():
     i = int(c.index[0])
     z_minus = z.clone()
     z_minus[0, i] = 0
-    by_hand = (m.head.mlp(m.head.pool(z)) - m.head.mlp(m.head.pool(z_minus))).norm()
+    by_hand = (m.head.mlp(m.head.pool(z)) - m.head.mlp(m.head.pool(z_minus))).norm().detach()
     assert c.loc[i, "inter"] == pytest.approx(float(by_hand), rel=1e-4)
 
 
