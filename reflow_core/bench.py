@@ -28,7 +28,6 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` per loop; on CPU the pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -46,7 +45,7 @@ import torch
 from reflow_core.config import ConfigError, get_config
 from reflow_core.model import GPT, build_model
 from reflow_core.reference_loop import ReferenceLoop
-from reflow_core.train import make_optimizer, peak_flops
+from reflow_core.train import autocast_for, make_optimizer, peak_flops
 
 SCHEMA_VERSION = 1
 MODES = ("train", "infer", "side-by-side", "factorisation", "all", "subvocab")
@@ -122,14 +121,14 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 class OurLoop:
     """The step of :func:`reflow_core.train.train`, one micro-batch: autocast forward, backward, clip, AdamW.
 
-    ``fused`` is :class:`reflow_core.train.TrainConfig`'s field; the bench times ``fused=True`` (fused AdamW on CPU
-    as well as CUDA), the setting we recommend; ``--no-fused`` times train()'s CPU default (foreach AdamW).
+    ``fused`` is :class:`reflow_core.train.TrainConfig`'s field (default: fused AdamW on CPU as well as CUDA);
+    ``--no-fused`` times the foreach implementation instead.
     """
 
     name = "ours"
 
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, *, compile: bool = False,
-                 grad_clip: float = 1.0, fused: bool | None = True) -> None:
+                 grad_clip: float = 1.0, fused: bool = True) -> None:
         from reflow_core.train import TrainConfig
 
         self.raw_model = model
@@ -137,13 +136,12 @@ class OurLoop:
         self.grad_clip = grad_clip
         self.optimizer = make_optimizer(model, TrainConfig(model="reflow@test", grad_clip=grad_clip, fused=fused),
                                         device.type)
-        self.autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32
-                         else contextlib.nullcontext)
+        self.autocast = autocast_for(device.type, dtype)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.model.train()
         with self.autocast():
-            _, loss = self.model(x, y)
+            _, loss = self.model(x, y, return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                        self.grad_clip if self.grad_clip > 0 else float("inf"))
@@ -159,7 +157,7 @@ class OurLoop:
 
 
 class RefLoop(ReferenceLoop):
-    """The reference loop with the bench's interface (it has no autocast: fp32, the simple way)."""
+    """The reference loop with the bench's interface."""
 
     name = "reference"
 
@@ -343,7 +341,7 @@ def _ratio(name: str, a: Timed, b: Timed) -> dict:
 def run_bench(preset: str = "reflow@smoke", mode: str = "train", *, steps: int = 10, warmup: int = 3,
               repeats: int = 5, batch: int | None = None, block: int | None = None, device: str = "auto",
               dtype: str = "auto", compile: bool = False, threads: int | str | None = None, seed: int = 1337,
-              fused: bool | None = True, subvocab: "SubVocab | str | None" = None) -> dict:
+              fused: bool = True, subvocab: "SubVocab | str | None" = None) -> dict:
     """Run one bench mode; returns the JSON-ready result (machine, settings, rows, ratios)."""
     if mode not in MODES:
         raise ConfigError(f"bench --mode must be one of {MODES}, got {mode!r}")
@@ -375,7 +373,7 @@ def run_bench(preset: str = "reflow@smoke", mode: str = "train", *, steps: int =
 
         def reference(p: str, label: str) -> Timed:
             m = _build(p, dev, seed)
-            loop = RefLoop(m)
+            loop = RefLoop(m, dtype=dt)
             return Timed(label, p, "reference", m, loop.step if phase == "train" else loop.infer, [])
 
         ratios = []
@@ -536,13 +534,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--block", type=int, default=None, help="sequence length (default: the scale's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU (the reference loop is always fp32)")
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU; the reference loop uses the same")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (time reported apart)")
     parser.add_argument("--threads", type=lambda v: v if v == "auto" else int(v), default=None,
                         help="torch CPU threads: a number, or 'auto' (the cores not busy by the load average); "
                              "default: torch's")
     parser.add_argument("--no-fused", dest="fused", action="store_false",
-                        help="our loop with train()'s CPU default optimizer (foreach AdamW) instead of fused AdamW")
+                        help="our loop with foreach AdamW instead of fused AdamW (TrainConfig.fused=False)")
     parser.add_argument("--subvocab-data", default=None,
                         help="subvocab mode: the prepared dataset whose used tokens form the sub-vocabulary "
                              "(default: the preset's scale's dataset)")

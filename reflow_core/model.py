@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reflow_core.config import ModelConfig
+from reflow_core.fused_loss import linear_cross_entropy
 
 Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -170,8 +171,13 @@ class TiedVocab(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight)
 
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection as (inputs, weight): logits = inputs · weightᵀ."""
+        return h, self.weight
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.weight.t()
+        inputs, weight = self.head(h)
+        return inputs @ weight.t()
 
     def reset_parameters(self, config: ModelConfig) -> None:
         nn.init.normal_(self.weight, std=config.init_std)
@@ -205,17 +211,22 @@ class FactoredVocab(nn.Module):
     def signals(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.basis.t()
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection as (inputs, weight), logits = inputs · weightᵀ, in the cheaper of two exact orders
+        for these shapes: signals first, (H·Bᵀ)·Rᵀ, or embedding first, H·(R·B)ᵀ."""
         recipe = self.recipe_matrix()
         n_tokens = h.numel() // h.shape[-1]
         V, S = recipe.shape
         d = self.basis.shape[1]
-        # Two exact orders; pick the one with fewer multiply-adds for these shapes.
         signals_first = n_tokens * d * S + n_tokens * S * V
         embedding_first = V * S * d + n_tokens * V * d
         if signals_first <= embedding_first:
-            return self.signals(h) @ recipe.t()
-        return h @ (recipe @ self.basis).t()
+            return self.signals(h), recipe
+        return h, recipe @ self.basis
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        inputs, weight = self.head(h)
+        return inputs @ weight.t()
 
     def reset_parameters(self, config: ModelConfig) -> None:
         # std(E) = sqrt(S)·std(recipe)·std(basis) = init_std: same scale as a GPT-2 embedding.
@@ -323,13 +334,21 @@ class GPT(nn.Module):
         return x
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, last_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, last_only: bool = False,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits, and the mean cross-entropy against ``targets`` (-1 = ignore) when given.
+
+        ``return_logits=False`` (training) computes the loss without materialising the N×V logits
+        (:func:`reflow_core.fused_loss.linear_cross_entropy`) and returns ``(None, loss)``.
+        """
         h = self.norm_final(self.residual(idx))
         if targets is None:
             if last_only:
                 h = h[:, -1:, :]
             return self.vocab.logits(h), None
+        if not return_logits:
+            return None, linear_cross_entropy(*self.vocab.head(h), targets, ignore_index=-1)
         logits = self.vocab.logits(h)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss

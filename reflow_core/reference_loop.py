@@ -11,8 +11,10 @@ What "the simple way" means, point by point (each is the textbook form, and each
   ``F.scaled_dot_product_attention``;
 * the factored head in the naive, embedding-first order ``H · (R·B)ᵀ``: materialise the V×d embedding, then project
   (for a tied model there is only one order);
+* the loss as ``F.cross_entropy`` over the materialised (N×V) logits;
 * AdamW with the single-tensor implementation (``foreach=False, fused=False``): one small kernel per parameter;
-* the rest of the step as nanoGPT's: forward, backward, global-norm gradient clipping, optimizer step, zero grads.
+* the rest of the step as nanoGPT's: forward under the run's autocast dtype (the same as ours, so a ratio never
+  compares bf16 with fp32), backward, global-norm gradient clipping, optimizer step, zero grads.
 
 The reference *reuses our modules' weights* (norms, MLPs, linear layers, embeddings), so "same model" is literal:
 only the execution differs.
@@ -20,12 +22,14 @@ only the execution differs.
 
 from __future__ import annotations
 
+
 import math
 
 import torch
 import torch.nn.functional as F
 
 from reflow_core.model import GPT, FactoredVocab, apply_rope
+from reflow_core.train import autocast_for
 
 
 def reference_attention(attn, x: torch.Tensor, rope, mask: torch.Tensor) -> torch.Tensor:
@@ -89,14 +93,17 @@ def reference_optimizer(model: torch.nn.Module, lr: float = 1e-3, weight_decay: 
 class ReferenceLoop:
     """One training step the simple way: forward, backward, clip, AdamW (single-tensor), zero grads."""
 
-    def __init__(self, model: GPT, *, lr: float = 1e-3, weight_decay: float = 0.1, grad_clip: float = 1.0) -> None:
+    def __init__(self, model: GPT, *, lr: float = 1e-3, weight_decay: float = 0.1, grad_clip: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.grad_clip = grad_clip
         self.optimizer = reference_optimizer(model, lr=lr, weight_decay=weight_decay)
+        self.autocast = autocast_for(next(model.parameters()).device.type, dtype)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.model.train()
-        _, loss = reference_forward(self.model, x, y)
+        with self.autocast():
+            _, loss = reference_forward(self.model, x, y)
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=False)
@@ -107,4 +114,5 @@ class ReferenceLoop:
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return reference_forward(self.model, x)[0]
+        with self.autocast():
+            return reference_forward(self.model, x)[0]

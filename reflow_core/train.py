@@ -107,7 +107,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
-    fused: bool | None = None  # fused AdamW: None = on CUDA only; True = wherever torch has the kernel (CPU too)
+    fused: bool = True  # fused AdamW wherever torch has the kernel (CUDA, and CPU since torch 2.4); False: foreach
     threads: int | None = None  # torch CPU threads for this run; None leaves torch's default
     resume: str = "auto"  # auto: continue from out_dir's checkpoint if there is one | never | must
     save_init: bool = True  # also keep the weights at step 0 as out_dir/init/ (the "before training" null)
@@ -345,11 +345,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {}
-    # Fused AdamW (one kernel over all tensors): on CUDA by default.  On CPU (torch >= 2.4) it is opt-in with
-    # fused=True: the bench measured it several times faster than the foreach default there, but its rounding differs
-    # from the foreach implementation, so the default keeps runs bit-identical to the ones made before it existed.
-    fused = config.fused if config.fused is not None else device_type == "cuda"
-    if fused and device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+    # Fused AdamW (one kernel over all tensors), on CPU too: the bench measured its optimizer step several times
+    # faster than the foreach implementation there (the two differ only in float rounding).
+    if config.fused and device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         kwargs["fused"] = True
     try:
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **kwargs)
@@ -432,6 +430,13 @@ def _all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 @torch.no_grad()
+def autocast_for(device_type: str, dtype: torch.dtype):
+    """A factory of the forward pass's context: autocast to ``dtype``, or nothing at float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, config: TrainConfig, device: torch.device, autocast,
              d: Dist) -> float:
     """Mean loss over fixed validation windows; ranks share the batches and all-reduce (sum, count)."""
@@ -444,7 +449,7 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, config: TrainConfig, de
             continue
         x, y = x.to(device), y.to(device)
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         total[0] += loss.double() * y.numel()
         total[1] += y.numel()
     _all_reduce_sum(total, d)
@@ -562,7 +567,7 @@ def _train(config: TrainConfig, d: Dist) -> dict:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    autocast = autocast_for(device.type, dtype)
     out_dir = Path(config.out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     T = config.seq_len()
@@ -677,7 +682,7 @@ def _train(config: TrainConfig, d: Dist) -> dict:
                 no_sync = model.no_sync() if d.enabled and not last_micro else contextlib.nullcontext()
                 with no_sync:
                     with autocast():
-                        _, loss = model(x, y)
+                        _, loss = model(x, y, return_logits=False)
                     loss = loss / accum
                     loss.backward()
                 loss_sum += loss.detach()

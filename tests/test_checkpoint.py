@@ -71,7 +71,8 @@ def test_round_trip_restores_weights_and_optimizer_by_name(tmp_path):
     shuffled = torch.optim.AdamW([{"params": [params[n] for n in reversed(params) if params[n].dim() >= 2],
                                    "weight_decay": 0.1},
                                   {"params": [params[n] for n in reversed(params) if params[n].dim() < 2],
-                                   "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95))
+                                   "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95),
+                                 fused=True)  # as make_optimizer's default, so both round alike
     ckpt_io.load_optimizer_state(shuffled, fresh, opt_tensors, meta)
     for n, p in model.named_parameters():
         assert torch.equal(shuffled.state[params[n]]["exp_avg"], optimizer.state[p]["exp_avg"])

@@ -61,7 +61,7 @@ def val_loss(model, tokens: np.ndarray, *, batch_size: int = 16, block_size: int
     block_size = block_size or model.config.block_size
     total, n = 0.0, 0
     for x, y in iter_eval_batches(tokens, batch_size, block_size, max_batches, device=model.device):
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)
         total += float(loss) * x.numel()
         n += x.numel()
     return total / n
