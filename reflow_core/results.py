@@ -41,3 +41,18 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return pd.DataFrame(rows)
+
+
+class _ProseText(str):
+    """A string that IPython shows as itself: the text/plain form of a plain ``str`` is its repr, quotes included,
+    and a glued string would appear in the book's sentences as 'smoke' instead of smoke."""
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(str(self))
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """``myst_nb.glue`` for the chapters: strings are glued as their text, everything else unchanged."""
+    from myst_nb import glue as myst_glue
+
+    myst_glue(name, _ProseText(value) if isinstance(value, str) else value, display=display)

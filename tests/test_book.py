@@ -353,3 +353,13 @@ def test_scorecard_rows_take_the_paper_side_from_the_registry(tmp_path):
         scorecard.Row(claim_id="sae.typo", ours="", verdict=scorecard.REPRODUCED, why="", scale="", checkpoint="")
     with pytest.raises(ValueError, match="verdict must be one of"):
         scorecard.Row(claim_id="sae.kl", ours="", verdict="held", why="", scale="", checkpoint="")
+
+
+def test_glued_strings_show_without_quotes():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from reflow_core.results import _ProseText
+
+    formatter = InteractiveShell.instance().display_formatter
+    assert formatter.format("smoke")[0]["text/plain"] == "'smoke'"  # what a plain str would put into the prose
+    assert formatter.format(_ProseText("smoke"))[0]["text/plain"] == "smoke"
