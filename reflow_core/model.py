@@ -158,7 +158,18 @@ class Block(nn.Module):
 # Vocabulary modules: token ids -> vectors, and final hidden state -> logits, with the same weights
 
 
-class TiedVocab(nn.Module):
+class Vocab(nn.Module):
+    """A vocabulary module: ``embed`` for the input, ``head`` for the output projection as (inputs, weight)."""
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        inputs, weight = self.head(h)
+        return inputs @ weight.t()
+
+
+class TiedVocab(Vocab):
     """GPT-2's tied embedding: one V×d matrix is the input embedding and the output projection."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -175,15 +186,11 @@ class TiedVocab(nn.Module):
         """The output projection as (inputs, weight): logits = inputs · weightᵀ."""
         return h, self.weight
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        inputs, weight = self.head(h)
-        return inputs @ weight.t()
-
     def reset_parameters(self, config: ModelConfig) -> None:
         nn.init.normal_(self.weight, std=config.init_std)
 
 
-class FactoredVocab(nn.Module):
+class FactoredVocab(Vocab):
     """reFlow's vocabulary: E = W_recipe (V×S) · W_basis (S×d), used for input and output.
 
     The output logits are ``signals · W_recipeᵀ`` where ``signals = h · W_basisᵀ`` (S numbers per
@@ -223,10 +230,6 @@ class FactoredVocab(nn.Module):
         if signals_first <= embedding_first:
             return self.signals(h), recipe
         return h, recipe @ self.basis
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        inputs, weight = self.head(h)
-        return inputs @ weight.t()
 
     def reset_parameters(self, config: ModelConfig) -> None:
         # std(E) = sqrt(S)·std(recipe)·std(basis) = init_std: same scale as a GPT-2 embedding.
