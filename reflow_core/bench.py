@@ -17,7 +17,7 @@ frequency changes) falls on both, and the ratio is taken repeat by repeat (media
 
 MFU = tokens/s · FLOPs per token / peak FLOP/s, with FLOPs per token from :meth:`reflow_core.model.GPT.flops_per_token`
 (forward + backward, factored head included, in the order our head actually uses).  The peak comes from
-:func:`reflow_core.train.peak_flops` (a table of GPUs, or ``REFLOW_PEAK_FLOPS``); on a CPU it is null unless that
+:func:`reflow_core.device.peak_flops` (a table of GPUs, or ``REFLOW_PEAK_FLOPS``); on a CPU it is null unless that
 variable is set.  For the reference loop we state the *same* model FLOPs (it does the same useful work, slower); for
 inference MFU uses a third of the training FLOPs (forward only).
 
@@ -45,7 +45,8 @@ import torch
 from reflow_core.config import ConfigError, get_config
 from reflow_core.model import GPT, build_model
 from reflow_core.reference_loop import ReferenceLoop
-from reflow_core.train import autocast_for, make_optimizer, peak_flops
+from reflow_core.device import autocast_for, peak_flops
+from reflow_core.train import make_optimizer
 
 SCHEMA_VERSION = 1
 MODES = ("train", "infer", "side-by-side", "factorisation", "all", "subvocab")
@@ -121,7 +122,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 class OurLoop:
     """The step of :func:`reflow_core.train.train`, one micro-batch: autocast forward, backward, clip, AdamW.
 
-    ``fused`` is :class:`reflow_core.train.TrainConfig`'s field (default: fused AdamW on CPU as well as CUDA);
+    ``fused`` is :class:`reflow_core.config.TrainConfig`'s field (default: fused AdamW on CPU as well as CUDA);
     ``--no-fused`` times the foreach implementation instead.
     """
 
@@ -129,7 +130,7 @@ class OurLoop:
 
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, *, compile: bool = False,
                  grad_clip: float = 1.0, fused: bool = True) -> None:
-        from reflow_core.train import TrainConfig
+        from reflow_core.config import TrainConfig
 
         self.raw_model = model
         self.model = torch.compile(model) if compile else model

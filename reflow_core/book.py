@@ -30,15 +30,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-SCALES: tuple[str, ...] = ("test", "smoke", "small", "paper")
-"""The papermill ``scale`` values, smallest first. Their order is the order of precedence for figures of record."""
+from reflow_core.errors import UserError
+from reflow_core.fileio import read_json, write_json_atomic
+from reflow_core.scales import SCALE_NAMES, find_repo_root, resolve_results_dir, scale_rank
 
 RECORD_FILE = "RECORD.json"
 RUN_FILE = "RUN.json"
 _FIGURE_SUFFIXES = (".png", ".svg")
 
 
-class BookError(RuntimeError):
+class BookError(UserError, RuntimeError):
     """A book step failed; the message says which step and what to do."""
 
 
@@ -53,51 +54,6 @@ class NotebookExecutionError(BookError):
         super().__init__(message)
         self.notebook = notebook
         self.executed_path = executed_path
-
-
-# --------------------------------------------------------------------------------------------------------------
-# scales and paths
-
-
-def scale_rank(scale: str) -> int:
-    """Position of ``scale`` in :data:`SCALES` (``test`` = 0 … ``paper`` = 3); raises ``ValueError`` if unknown."""
-    try:
-        return SCALES.index(scale)
-    except ValueError:
-        raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}") from None
-
-
-def find_repo_root(start: str | os.PathLike | None = None) -> Path:
-    """The nearest directory at or above ``start`` (default: the working directory) that holds ``_toc.yml``.
-
-    Falls back to the checkout this package was imported from. Notebooks run with ``cwd=notebooks/``, so this
-    finds the repository from inside a kernel as well as from a shell.
-    """
-    here = Path(start or Path.cwd()).resolve()
-    for candidate in (here, *here.parents):
-        if (candidate / "_toc.yml").is_file():
-            return candidate
-    package_root = Path(__file__).resolve().parent.parent
-    if (package_root / "_toc.yml").is_file():
-        return package_root
-    raise BookError(f"no _toc.yml found at or above {here} (nor next to the reflow_core package)")
-
-
-def resolve_results_dir(results_dir: str | os.PathLike | None, scale: str,
-                        repo_root: str | os.PathLike | None = None) -> Path:
-    """The results folder a notebook writes to: ``results_dir`` if given, else ``<repo>/results/<scale>``.
-
-    Notebooks call this on their ``results_dir`` parameter, which is ``""`` when they are opened by hand and an
-    absolute path when the runner injects it.
-    """
-    scale_rank(scale)
-    if results_dir:
-        return Path(results_dir).resolve()
-    return find_repo_root(repo_root) / "results" / scale
-
-
-def _results_dir(scale: str, repo_root: Path, results_dir: str | os.PathLike | None) -> Path:
-    return Path(results_dir).resolve() if results_dir else repo_root / "results" / scale
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,21 +156,6 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically, so a crash never leaves a half-written record behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf8"))
-    except FileNotFoundError:
-        return {}
-
-
 def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: str | os.PathLike | None = None,
                       only: Sequence[str] | None = None, parameters: dict | None = None,
                       log_output: bool = True, progress_bar: bool = False) -> dict:
@@ -239,13 +180,13 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
 
     scale_rank(scale)
     repo_root = Path(repo_root).resolve()
-    results = _results_dir(scale, repo_root, results_dir)
+    results = resolve_results_dir(results_dir, scale, repo_root)
     out_dir = results / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = execution_order(_select(toc_notebooks(repo_root), only))
 
     run_path = results / RUN_FILE
-    previous = _read_json(run_path)
+    previous = read_json(run_path, {})
     kept = previous.get("notebooks", {}) if previous.get("scale") == scale else {}
     record: dict[str, Any] = {
         "scale": scale,
@@ -262,7 +203,7 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
     def finish() -> None:
         record["run_seconds"] = round(time.perf_counter() - started, 2)
         record["total_seconds"] = round(sum(e.get("seconds", 0.0) for e in record["notebooks"].values()), 2)
-        _write_json(run_path, record)
+        write_json_atomic(run_path, record)
 
     env_backup = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env_backup]))
@@ -270,7 +211,7 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
     try:
         for src in chosen:
             dst = out_dir / f"{src.stem}.ipynb"
-            params = {"scale": scale, "results_dir": str(results), **(parameters or {})}
+            params = {"scale": scale, "results_dir": _repo_relative(results, repo_root), **(parameters or {})}
             print(f"[book] {scale}: executing {src.relative_to(repo_root)} -> {dst}", flush=True)
             t0 = time.perf_counter()
             try:
@@ -299,6 +240,12 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
             os.environ["PYTHONPATH"] = env_backup
     finish()
     return record
+
+
+def _repo_relative(path: Path, repo_root: Path) -> str:
+    """``path`` relative to the repository when it lies inside it: what a notebook of record prints and stores must
+    not name the machine that produced it."""
+    return path.relative_to(repo_root).as_posix() if path.is_relative_to(repo_root) else str(path)
 
 
 def _device(repo_root: Path) -> str:
@@ -333,22 +280,22 @@ def promote_figures(scale: str, *, repo_root: str | os.PathLike, results_dir: st
     repo_root = Path(repo_root).resolve()
     if scale == "test":
         return False
-    results = _results_dir(scale, repo_root, results_dir)
+    results = resolve_results_dir(results_dir, scale, repo_root)
     src_dir = results / "figures"
     new = sorted(p for p in src_dir.glob("fig-*") if p.suffix in _FIGURE_SUFFIXES) if src_dir.is_dir() else []
     if not new:
         return False
     dest = repo_root / "figures"
     record_path = dest / RECORD_FILE
-    record = _read_json(record_path)
-    if record.get("scale") in SCALES and scale_rank(record["scale"]) > rank:
+    record = read_json(record_path, {})
+    if record.get("scale") in SCALE_NAMES and scale_rank(record["scale"]) > rank:
         print(f"[book] figures/ keeps the {record['scale']} record ({record.get('date')}); "
               f"{scale} figures stay in {src_dir}", flush=True)
         return False
-    run = _read_json(results / RUN_FILE)
+    run = read_json(results / RUN_FILE, {})
     date = run.get("date") or _now()
     dest.mkdir(parents=True, exist_ok=True)
-    files = record.get("figures", {}) if record.get("scale") in SCALES else {}
+    files = record.get("figures", {}) if record.get("scale") in SCALE_NAMES else {}
     for path in new:
         shutil.copy2(path, dest / path.name)
         files[path.name] = {"scale": scale, "date": date}
@@ -360,7 +307,7 @@ def promote_figures(scale: str, *, repo_root: str | os.PathLike, results_dir: st
         "source": f"results/{scale}/figures",
         "figures": dict(sorted(files.items())),
     }
-    _write_json(record_path, record)
+    write_json_atomic(record_path, record)
     print(f"[book] promoted {len(new)} figure files from {scale} into figures/", flush=True)
     return True
 
@@ -383,7 +330,7 @@ def stage_book(scale: str, *, repo_root: str | os.PathLike, stage_dir: str | os.
     scale_rank(scale)
     repo_root = Path(repo_root).resolve()
     stage = Path(stage_dir).resolve()
-    results = _results_dir(scale, repo_root, results_dir)
+    results = resolve_results_dir(results_dir, scale, repo_root)
     if stage == repo_root or repo_root.is_relative_to(stage):
         raise BookError(f"refusing to stage into {stage}: it contains the repository")
     notebooks = toc_notebooks(repo_root)
@@ -531,7 +478,7 @@ def run_book(scale: str = "smoke", *, execute: bool = True, repo_root: str | os.
     scale_rank(scale)
     root = Path(repo_root).resolve() if repo_root else find_repo_root()
     out = Path(out_dir).resolve() if out_dir else root
-    results = _results_dir(scale, root, results_dir)
+    results = resolve_results_dir(results_dir, scale, root)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -561,7 +508,7 @@ def run_book(scale: str = "smoke", *, execute: bool = True, repo_root: str | os.
 
 def add_book_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``book`` sub-command's options to ``parser`` (``python -m reflow_core book ...``)."""
-    parser.add_argument("--scale", choices=SCALES, default="smoke",
+    parser.add_argument("--scale", choices=SCALE_NAMES, default="smoke",
                         help="papermill `scale` for every notebook (default: smoke)")
     parser.add_argument("--no-execute", dest="execute", action="store_false",
                         help="build from the notebooks stored in results/<scale>/notebooks; do not run any")

@@ -33,6 +33,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from reflow_core.errors import UserError
+from reflow_core.fileio import sha256_file, write_json_atomic
+
 FORMAT = "reflow-checkpoint"
 FORMAT_VERSION = 1
 CKPT_DIR = "ckpt"
@@ -55,11 +58,11 @@ def _umask() -> int:
     return 0o022
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(UserError, ValueError):
     """A checkpoint file is missing, truncated, altered or not in the safetensors format; nothing was loaded."""
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
     """No checkpoint at a path (neither a checkpoint directory nor a run directory holding one)."""
 
 
@@ -76,14 +79,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -121,17 +116,6 @@ def meta_checksum(meta: dict) -> str:
     """sha256 of the canonical JSON of ``meta`` without its own ``checksum`` field (guards meta.json itself)."""
     body = {k: v for k, v in meta.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

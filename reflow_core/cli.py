@@ -8,21 +8,14 @@ put the child's own explanation at the top of its LaunchError.  Anything else ke
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import traceback
+from pathlib import Path
 
-ERROR_PREFIX = "reflow_core: error: "
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from reflow_core.book import BookError
-    from reflow_core.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
-    from reflow_core.config import ConfigError
-    from reflow_core.data import CorpusNotFoundError, DatasetIntegrityError, DatasetNotPreparedError
-    from reflow_core.train import TrainingDiverged
-
-    return (ConfigError, DatasetNotPreparedError, DatasetIntegrityError, CorpusNotFoundError, TrainingDiverged,
-            CorruptCheckpointError, CheckpointNotFoundError, BookError)
+from reflow_core.config import TrainConfig, train_field_types, type_name
+from reflow_core.errors import ERROR_PREFIX, UserError
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -50,12 +43,47 @@ def report_error(error: BaseException, *, with_traceback: bool = False) -> None:
         print(ERROR_PREFIX + line, file=sys.stderr, flush=True)
 
 
+def _train_fields_help() -> str:
+    defaults = TrainConfig(model="reflow@test").to_dict()
+    defaults["model"] = TrainConfig.model
+    return "config fields (--set KEY=VALUE; defaults in brackets):\n" + "\n".join(
+        f"  {name:<18} {type_name(tp):<14} [{defaults[name]!r}]" for name, tp in train_field_types().items())
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _train_fields_help()
+    parser.add_argument("--config", type=Path, default=None, help="a TrainConfig as JSON (e.g. from launch())")
+    parser.add_argument("--preset", default=None, help="model preset, e.g. reflow@smoke (sets 'model')")
+    parser.add_argument("--data-dir", default=None, help="prepared dataset directory (sets 'data_dir')")
+    parser.add_argument("--out-dir", default=None, help="run directory (sets 'out_dir')")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, parsed with its type; repeatable "
+                             "(e.g. --set max_steps=200 --set lr=3e-4 --set model_overrides.dropout=0.1)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    changes = {k: v for k, v in (("model", args.preset), ("data_dir", args.data_dir), ("out_dir", args.out_dir))
+               if v is not None}
+    return config.replace(**changes).with_overrides(args.overrides)
+
+
+def run_train_cli(args: argparse.Namespace) -> dict:
+    from reflow_core.train import train
+
+    summary = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("summary: " + json.dumps(summary), flush=True)
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reflow_core.bench import add_bench_arguments, run_bench_cli
     from reflow_core.book import add_book_arguments, run_book_cli
     from reflow_core.data import add_prepare_arguments, run_prepare
     from reflow_core.sample import add_inspect_arguments, add_sample_arguments, run_inspect_cli, run_sample_cli
-    from reflow_core.train import add_train_arguments, run_train_cli
 
     parser = argparse.ArgumentParser(prog="python -m reflow_core", description="reFlow Book tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except _user_errors() as e:
+    except UserError as e:
         report_error(e)
         return 1
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Model configurations and the named presets (paper sizes and our small scales).
+"""Configurations: models and their named presets (paper sizes and our small scales), and training runs.
 
 Presets are addressed as ``family@size`` (``reflow@smoke``, ``gpt2-new@test``) or by the paper's
 own names (``reflow-1``, ``reflow-1-big``, ``reflow-1-small``, ``gpt2``, ``gpt2-new``, …).  A bare
@@ -13,18 +13,21 @@ norms with a weight only.  The MLP width rule that reproduces all published coun
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reflow_core.errors import ConfigError
+from reflow_core.fileio import write_json_atomic
 
 GPT2_VOCAB_SIZE = 50257
 PADDED_VOCAB_SIZE = 50304  # next multiple of 64: faster matmuls, as nanoGPT
 
 BLOCK_STYLES = ("gpt2", "new")
 VOCAB_STYLES = ("tied", "factored", "topk", "rmg", "routed")
-
-
-class ConfigError(ValueError):
-    """A configuration field is unknown or has a bad value; the message names the field."""
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 256) -> int:
@@ -223,3 +226,245 @@ def get_config(name: str, **overrides) -> ModelConfig:
     if config is None:
         raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(preset_names())}")
     return config.replace(**overrides) if overrides else config.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs: what a run needs, validated field by field
+
+RESUME_MODES = ("auto", "never", "must")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; stored in every checkpoint, so a run directory says how it was made."""
+
+    model: str = "reflow@smoke"  # preset name, see reflow_core.config.get_config
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change, e.g. {"dropout": 0.1}
+    data_dir: str = "data/wiki-offline"  # a prepared dataset (python -m reflow_core prepare)
+    out_dir: str = "results/runs/default"  # checkpoint ckpt/, metrics.jsonl, summary.json
+    max_steps: int = 1000  # optimizer steps
+    tokens_per_step: int | None = None  # global batch in tokens; None: micro_batch_size·block_size·world_size
+    micro_batch_size: int = 16  # sequences per forward/backward on one device
+    block_size: int | None = None  # training context length; None: the model's block_size
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine ends here
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # step where the cosine reaches min_lr; None: max_steps
+    weight_decay: float = 0.1  # on 2-D weights (matmuls, embeddings) only; norms and 1-D params are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 250  # evaluate val loss every this many steps (0: only at the end)
+    eval_batches: int = 20  # micro-batches of fixed validation windows per evaluation
+    ckpt_interval: int = 500  # checkpoint every this many steps (0: only at the end)
+    log_interval: int = 10  # metrics line (and the only host sync) every this many steps
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model
+    fused: bool = True  # fused AdamW wherever torch has the kernel (CUDA, and CPU since torch 2.4); False: foreach
+    threads: int | None = None  # torch CPU threads for this run; None leaves torch's default
+    resume: str = "auto"  # auto: continue from out_dir's checkpoint if there is one | never | must
+    save_init: bool = True  # also keep the weights at step 0 as out_dir/init/ (the "before training" null)
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- construction ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a train config must be a JSON object / dict, got {type(data).__name__}")
+        return config_from_dict(cls, data, "train config")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train config {path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    def replace(self, **changes) -> "TrainConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown train config field(s) {unknown}; known fields: {sorted(train_field_types())}")
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, items: list[str] | None) -> "TrainConfig":
+        """Apply ``key=value`` strings (the CLI's ``--set``), each parsed with its field's type."""
+        return self.replace(**parse_overrides(items or [], self)) if items else self
+
+    # -- derived values ----------------------------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        try:
+            return get_config(self.model, **self.model_overrides)
+        except ConfigError as e:
+            field_name = "model_overrides" if self.model_overrides and "unknown preset" not in str(e) else "model"
+            raise ConfigError(f"train config field '{field_name}': {e}") from None
+
+    def seq_len(self) -> int:
+        return self.block_size if self.block_size is not None else self.model_config().block_size
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per rank per step; tokens_per_step must split evenly over ranks and micro-batches."""
+        per_micro = self.micro_batch_size * self.seq_len() * world_size
+        tokens = self.tokens_per_step if self.tokens_per_step is not None else per_micro
+        if tokens % per_micro:
+            raise ConfigError(
+                f"train config field 'tokens_per_step': {tokens} is not a multiple of micro_batch_size × block_size × "
+                f"world_size = {self.micro_batch_size} × {self.seq_len()} × {world_size} = {per_micro}; "
+                f"try {max(per_micro, tokens // per_micro * per_micro)}"
+            )
+        return tokens // per_micro
+
+    # -- validation --------------------------------------------------------------------------------------------------
+    def validate(self, world_size: int = 1) -> "TrainConfig":
+        """Check every field; the ConfigError names the first bad one.  Returns self."""
+        types = train_field_types()
+        for name, tp in types.items():
+            value = getattr(self, name)
+            if not _is_instance(value, tp):
+                raise ConfigError(f"train config field '{name}' must be {type_name(tp)}, got {value!r} "
+                                  f"({type(value).__name__})")
+            if _base_type(tp) is float and isinstance(value, int):
+                object.__setattr__(self, name, float(value))
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"train config field '{name}' {why} (got {getattr(self, name)!r})")
+
+        for name in ("max_steps", "micro_batch_size", "eval_batches", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be a positive integer")
+        for name in ("warmup_steps", "eval_interval", "ckpt_interval", "seed"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        for name in ("tokens_per_step", "block_size", "lr_decay_steps", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise bad(name, "must be a positive integer or None")
+        if not self.model:
+            raise bad("model", "must name a preset")
+        if not self.data_dir:
+            raise bad("data_dir", "must be a path")
+        if not self.out_dir:
+            raise bad("out_dir", "must be a path")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a positive finite number")
+        if not (0 <= self.min_lr <= self.lr):
+            raise bad("min_lr", f"must be in [0, lr={self.lr}]")
+        if self.warmup_steps > self.max_steps:
+            raise bad("warmup_steps", f"must be <= max_steps={self.max_steps}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < self.warmup_steps:
+            raise bad("lr_decay_steps", f"must be >= warmup_steps={self.warmup_steps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", "must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "must be in [0, 1)")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        if self.device not in DEVICES:
+            raise bad("device", f"must be one of {DEVICES}")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"must be one of {DTYPES} (float16 would need loss scaling; use bfloat16)")
+        if self.resume not in RESUME_MODES:
+            raise bad("resume", f"must be one of {RESUME_MODES}")
+        model_block = self.model_config().block_size
+        if self.block_size is not None and self.block_size > model_block:
+            raise bad("block_size", f"must be <= the model's block_size {model_block}")
+        self.grad_accum_steps(world_size)
+        return self
+
+
+def train_field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _base_type(tp) -> type:
+    """int for ``int | None``, etc."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _is_instance(value, tp) -> bool:
+    optional = type(None) in typing.get_args(tp)
+    if value is None:
+        return optional
+    base = _base_type(tp)
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def type_name(tp) -> str:
+    name = _base_type(tp).__name__
+    return f"{name} or None" if type(None) in typing.get_args(tp) else name
+
+
+def _parse_value(text: str, tp, what: str):
+    """A CLI string as a value of type ``tp`` (bool: true/false/1/0/yes/no; None: none/null; dict: JSON)."""
+    if type(None) in typing.get_args(tp) and text.strip().lower() in ("none", "null"):
+        return None
+    base = _base_type(tp)
+    try:
+        if base is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return base(text)
+    except ValueError:
+        raise ConfigError(f"--set {what}={text!r}: cannot parse as {type_name(tp)}") from None
+
+
+def parse_overrides(items: list[str], base: TrainConfig | None = None) -> dict:
+    """``["lr=3e-4", "max_steps=200", "model_overrides.dropout=0.1"]`` → field values of the right types."""
+    types = train_field_types()
+    model_types = typing.get_type_hints(ModelConfig)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key.startswith("model_overrides."):
+            sub = key.split(".", 1)[1]
+            if sub not in model_types:
+                raise ConfigError(f"--set {key}: unknown model config field '{sub}'; known: {sorted(model_types)}")
+            overrides = dict(out.get("model_overrides", base.model_overrides if base else {}))
+            overrides[sub] = _parse_value(text, model_types[sub], key)
+            out["model_overrides"] = overrides
+        elif key in types:
+            out[key] = _parse_value(text, types[key], key)
+        else:
+            raise ConfigError(f"--set: unknown train config field '{key}'; known fields: {sorted(types)}")
+    return out
+

@@ -39,15 +39,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .tokenizer import (
-    ASSETS_DIR,
-    ENCODING_NAME,
-    EOT_TOKEN,
-    RANK_FILE_SHA256,
-    VOCAB_SIZE,
-    get_encoding,
-    sha256_file,
-)
+from reflow_core.errors import UserError
+from reflow_core.fileio import sha256_file
+from reflow_core.tokenizer import ASSETS_DIR, ENCODING_NAME, EOT_TOKEN, RANK_FILE_SHA256, VOCAB_SIZE, get_encoding
 
 # --- prepared-data format ---------------------------------------------------------------------------------------------
 FORMAT_VERSION = 1
@@ -103,15 +97,15 @@ PREPARE_COMMAND = "python -m reflow_core prepare --source {source} --out {out}"
 DatasetLoader = Callable[..., Any]  # called as loader(num_proc=N); returns a datasets.Dataset or DatasetDict
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
     """No finished preparation at a data directory (missing, half-written, or from an older format)."""
 
 
-class DatasetIntegrityError(ValueError):
+class DatasetIntegrityError(UserError, ValueError):
     """A prepared token file does not match its manifest (size or sha256)."""
 
 
-class CorpusNotFoundError(FileNotFoundError):
+class CorpusNotFoundError(UserError, FileNotFoundError):
     """The text a source needs is not on this machine."""
 
 

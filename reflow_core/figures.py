@@ -21,7 +21,7 @@ from typing import Any
 
 import matplotlib
 
-from .book import SCALES
+from reflow_core.scales import scale_rank
 
 FIGURE_NAME_RE = re.compile(r"^fig-[a-z0-9]+(?:-[a-z0-9]+)+$")
 """``fig-<chapter>-<name>``: lowercase letters, digits and single hyphens, e.g. ``fig-02-loss-curves``."""
@@ -91,15 +91,10 @@ def _short_checkpoint(checkpoint: Any) -> str:
     return text
 
 
-def _check_scale(scale: str) -> None:
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}")
-
-
 def provenance(*, scale: str, checkpoint: Any, device: str | None = None, date: _dt.date | None = None,
                note: str = "") -> str:
     """The stamp text: ``scale=… · checkpoint=… · device=… · YYYY-MM-DD`` (``· note`` appended if given)."""
-    _check_scale(scale)
+    scale_rank(scale)
     parts = [f"scale={scale}", f"checkpoint={_short_checkpoint(checkpoint)}",
              f"device={device or device_description()}", (date or _dt.date.today()).isoformat()]
     if note:
@@ -134,9 +129,9 @@ def save_figure(fig, name: str, *, results_dir: str | os.PathLike, scale: str, c
     still display it inline (with the stamp).
     """
     validate_figure_name(name)
-    _check_scale(scale)
+    scale_rank(scale)
     if not results_dir:
-        raise ValueError("results_dir is empty; resolve it first (reflow_core.book.resolve_results_dir)")
+        raise ValueError("results_dir is empty; resolve it first (reflow_core.scales.resolve_results_dir)")
     out_dir = Path(results_dir) / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_figure(fig, provenance(scale=scale, checkpoint=checkpoint, note=note))
@@ -150,7 +145,7 @@ def save_figure(fig, name: str, *, results_dir: str | os.PathLike, scale: str, c
 
 def caption(text: str, *, scale: str, checkpoint: Any) -> str:
     """``text`` followed by ``(scale: …, checkpoint: …)``, for figure captions and glued figure descriptions."""
-    _check_scale(scale)
+    scale_rank(scale)
     return f"{text.rstrip()} (scale: {scale}, checkpoint: {_short_checkpoint(checkpoint)})"
 
 

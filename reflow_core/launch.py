@@ -26,13 +26,14 @@ from typing import Callable
 
 import torch
 
-from reflow_core.cli import ERROR_PREFIX
-from reflow_core.train import ENV_PROGRESS, TrainConfig
+from reflow_core.config import TrainConfig
+from reflow_core.errors import ERROR_PREFIX, UserError
+from reflow_core.train import ENV_PROGRESS
 
 TAIL_LINES = 50
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The training subprocess failed; the message holds its error lines and the tail of its output."""
 
     def __init__(self, message: str, *, returncode: int, tail: list[str], errors: list[str]) -> None:

@@ -4,10 +4,10 @@ Models differ along two axes:
 
 * block style — ``gpt2`` (LayerNorm, GELU MLP of width 4d, learned positions) or ``new``
   (RMSNorm, RoPE, SwiGLU), optionally with grouped-query attention (``n_kv_head < n_head``);
-* vocabulary module — how token ids become vectors and how the final hidden state becomes logits:
-  ``tied`` (one V×d matrix E, as GPT-2) or ``factored`` (reFlow: E = W_recipe · W_basis, V×S times S×d),
-  and sparsified factored variants (``topk``).  The vocabulary module is the *only* place where reFlow
-  differs from GPT-2-New, which is what makes the comparison clean.
+* vocabulary module (:mod:`reflow_core.vocab`) — how token ids become vectors and how the final hidden state
+  becomes logits: ``tied`` (one V×d matrix E, as GPT-2) or ``factored`` (reFlow: E = W_recipe · W_basis, V×S times
+  S×d), and sparsified factored variants (``topk``, ``rmg``, ``routed``).  The vocabulary module is the *only* place
+  where reFlow differs from GPT-2-New, which is what makes the comparison clean.
 
 Every layer's residual stream passes through named hook points (``blocks.{i}.resid_pre`` /
 ``blocks.{i}.resid_post``) that experiments and SAEs read and write; see :class:`HookPoints`.
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from reflow_core.config import ModelConfig
 from reflow_core.fused_loss import linear_cross_entropy
+from reflow_core.vocab import VOCAB_MODULES, FactoredVocab, head_costs
 
 Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -156,111 +157,6 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary modules: token ids -> vectors, and final hidden state -> logits, with the same weights
-
-
-class Vocab(nn.Module):
-    """A vocabulary module: ``embed`` for the input, ``head`` for the output projection as (inputs, weight)."""
-
-    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        inputs, weight = self.head(h)
-        return inputs @ weight.t()
-
-
-class TiedVocab(Vocab):
-    """GPT-2's tied embedding: one V×d matrix is the input embedding and the output projection."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.vocab_size, config.d_model))
-
-    def embedding_matrix(self) -> torch.Tensor:
-        return self.weight
-
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.weight)
-
-    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output projection as (inputs, weight): logits = inputs · weightᵀ."""
-        return h, self.weight
-
-    def reset_parameters(self, config: ModelConfig) -> None:
-        nn.init.normal_(self.weight, std=config.init_std)
-
-
-class FactoredVocab(Vocab):
-    """reFlow's vocabulary: E = W_recipe (V×S) · W_basis (S×d), used for input and output.
-
-    The output logits are ``signals · W_recipeᵀ`` where ``signals = h · W_basisᵀ`` (S numbers per
-    position); experiments read those signals as the model's native, named coordinates.
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.recipe = nn.Parameter(torch.empty(config.vocab_size, config.n_signals))
-        self.basis = nn.Parameter(torch.empty(config.n_signals, config.d_model))
-
-    def recipe_matrix(self) -> torch.Tensor:
-        """The recipe rows as the model uses them (sparsified variants override this)."""
-        return self.recipe
-
-    def recipe_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.recipe)
-
-    def embedding_matrix(self) -> torch.Tensor:
-        return self.recipe_matrix() @ self.basis
-
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.recipe_rows(idx) @ self.basis
-
-    def signals(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.basis.t()
-
-    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output projection as (inputs, weight), logits = inputs · weightᵀ, in the cheaper of two exact orders
-        for these shapes: signals first, (H·Bᵀ)·Rᵀ, or embedding first, H·(R·B)ᵀ."""
-        recipe = self.recipe_matrix()
-        n_tokens = h.numel() // h.shape[-1]
-        V, S = recipe.shape
-        d = self.basis.shape[1]
-        signals_first = n_tokens * d * S + n_tokens * S * V
-        embedding_first = V * S * d + n_tokens * V * d
-        if signals_first <= embedding_first:
-            return self.signals(h), recipe
-        return h, recipe @ self.basis
-
-    def reset_parameters(self, config: ModelConfig) -> None:
-        # std(E) = sqrt(S)·std(recipe)·std(basis) = init_std: same scale as a GPT-2 embedding.
-        nn.init.normal_(self.recipe, std=1.0 / math.sqrt(config.n_signals))
-        nn.init.normal_(self.basis, std=config.init_std)
-
-
-class TopKVocab(FactoredVocab):
-    """reFlow-TopK: each recipe row passes through ReLU and keeps only its K largest entries."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.k = config.topk
-
-    def _sparsify(self, rows: torch.Tensor) -> torch.Tensor:
-        rows = F.relu(rows)
-        values, indices = rows.topk(self.k, dim=-1)
-        return torch.zeros_like(rows).scatter(-1, indices, values)
-
-    def recipe_matrix(self) -> torch.Tensor:
-        return self._sparsify(self.recipe)
-
-    def recipe_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return self._sparsify(F.embedding(idx, self.recipe))
-
-
-VOCAB_MODULES: dict[str, type[nn.Module]] = {
-    "tied": TiedVocab,
-    "factored": FactoredVocab,
-    "topk": TopKVocab,
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,9 +321,8 @@ class GPT(nn.Module):
         )
         attention = 2 * c.n_layer * T * c.d_model  # QKᵀ and AV, per token, causal mask not discounted
         if self.is_factored:
-            V, S, d = c.vocab_size, c.n_signals, c.d_model
-            head = min(d * S + S * V, (V * S * d) / N + V * d)  # per token, the order logits() uses
-            embed = S * d
+            head = min(head_costs(c.vocab_size, c.n_signals, c.d_model, N).values()) / N  # the order head() uses
+            embed = c.n_signals * c.d_model
         else:
             head, embed = c.vocab_size * c.d_model, 0
         forward = 2 * (block_matmul + head + embed + attention)
@@ -455,18 +350,3 @@ def parameter_breakdown(model: GPT) -> dict[str, int]:
         else:
             parts["norms"] += p.numel()
     return parts
-
-
-def head_costs(config: ModelConfig, n_tokens: int) -> dict[str, int]:
-    """Multiply-adds of the two exact orders of the factored output projection for ``n_tokens``."""
-    V, S, d = config.vocab_size, config.n_signals, config.d_model
-    return {
-        "signals_first": n_tokens * d * S + n_tokens * S * V,  # (H·Bᵀ)·Rᵀ
-        "embedding_first": V * S * d + n_tokens * V * d,  # H·(R·B)ᵀ
-    }
-
-
-# The soft-sparsity vocabularies (``rmg``, ``routed``) live in their own module, which subclasses FactoredVocab and
-# adds itself to VOCAB_MODULES on import; importing it here (after everything it needs is defined) registers them
-# whichever of the two modules is imported first.
-import reflow_core.soft_sparsity  # noqa: E402,F401

@@ -28,8 +28,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from reflow_core.model import GPT, FactoredVocab, apply_rope
-from reflow_core.train import autocast_for
+from reflow_core.model import GPT, apply_rope
+from reflow_core.vocab import FactoredVocab
+from reflow_core.device import autocast_for
 
 
 def reference_attention(attn, x: torch.Tensor, rope, mask: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from reflow_core.fileio import write_json_atomic
+
 
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -23,12 +25,7 @@ def _jsonable(value):
 
 def save_result(results_dir: str | Path, name: str, result: dict) -> Path:
     """Write ``results_dir/data/<name>.json`` atomically (the scorecard reads these)."""
-    path = Path(results_dir) / "data" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(result), indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return write_json_atomic(Path(results_dir) / "data" / f"{name}.json", _jsonable(result), sort_keys=True)
 
 
 def load_result(results_dir: str | Path, name: str) -> dict | None:

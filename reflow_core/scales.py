@@ -1,18 +1,19 @@
-"""What each scale of the book trains, on which data, for how long.
+"""What each scale of the book trains, on which data, for how long, and where its results live.
 
-One papermill parameter, ``scale``, selects a row of :data:`SCALES`.  Chapters never hard-code sizes
-or steps: they ask this module for the data, the models and the training recipe, and
-:func:`ensure_model` trains a model through :func:`reflow_core.launch.launch` only when its
-checkpoint is not already in ``results/<scale>/checkpoints`` — so chapters can be run alone or in
-book order and share the same trained models.
+One papermill parameter, ``scale``, selects a row of :data:`SCALES`.  Chapters never hard-code sizes, steps or
+experiment budgets: they read them here (:func:`get_scale`, :func:`budget`).  This module is data and paths only:
+it imports nothing from the package beyond the configuration layer, and training or loading models at a scale lives
+one layer up, in :mod:`reflow_core.runs`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from reflow_core.config import TrainConfig
+from reflow_core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,38 @@ class Scale:
     size: str  # model size suffix for presets: "<family>@<size>", or "paper" for the paper's configs
     train: dict = field(default_factory=dict)  # TrainConfig fields shared by every model at this scale
     seeds: tuple[int, ...] = (1337,)
+    budgets: dict = field(default_factory=dict)  # chapter -> its experiment budget at this scale (see budget())
     description: str = ""
+
+
+# Experiment budgets per chapter.  "sae" fields are those of reflow_core.sae.train.SAEConfig's budget (width as a
+# multiple of d, k, NFM embedding size, steps, batch, activation vectors, held-out windows for the spliced metrics,
+# SAE seeds); "steering" the sizes of the random-direction and random-edit nulls; "followups" the loop monitor's
+# generations; "bench" the Cost chapter's timing.
+_SAE = {
+    "test": dict(width_mult=4, k=8, embed_dim=16, steps=120, batch_size=256, n_train=6000, n_val=2000, n_windows=4,
+                 n_seeds=2, lr=1e-3),
+    "smoke": dict(width_mult=4, k=16, embed_dim=64, steps=600, batch_size=256, n_train=100_000, n_val=8192,
+                  n_windows=8, n_seeds=3, lr=1e-3),
+    "small": dict(width_mult=8, k=32, embed_dim=128, steps=20_000, batch_size=4096, n_train=4_000_000,
+                  n_val=65536, n_windows=32, n_seeds=3, lr=4e-4),
+    "paper": dict(width_mult=16, k=64, embed_dim=256, steps=100_000, batch_size=4096, n_train=20_000_000,
+                  n_val=262144, n_windows=64, n_seeds=3, lr=2e-4),
+}
+_STEERING = dict(n_random_emotion=32, n_prompts_inception=3, n_random_inception=2, n_null_hijack=8)
+_FOLLOWUPS = {"test": dict(monitor_prompts=4, monitor_tokens=32)}
+_FOLLOWUPS_DEFAULT = dict(monitor_prompts=12, monitor_tokens=64)
+# Short at test; at smoke a few repeats on half the training micro-batch (the Cost chapter stays near 2 minutes).
+_BENCH = {
+    "test": dict(steps=2, warmup=1, repeats=2, batch=4),
+    "smoke": dict(steps=2, warmup=1, repeats=3, batch=8),
+}
+_BENCH_DEFAULT = dict(steps=5, warmup=2, repeats=5, batch=None)
+
+
+def _budgets(name: str) -> dict:
+    return {"sae": _SAE[name], "steering": _STEERING, "followups": _FOLLOWUPS.get(name, _FOLLOWUPS_DEFAULT),
+            "bench": _BENCH.get(name, _BENCH_DEFAULT)}
 
 
 SCALES: dict[str, Scale] = {
@@ -37,6 +69,7 @@ SCALES: dict[str, Scale] = {
             lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=10, eval_batches=2,
             ckpt_interval=30, log_interval=5,
         ),
+        budgets=_budgets("test"),
         description="toy models, a few steps: proves every notebook runs (CI)",
     ),
     "smoke": Scale(
@@ -48,6 +81,7 @@ SCALES: dict[str, Scale] = {
             lr=3e-3, min_lr=3e-4, warmup_steps=15, eval_interval=50, eval_batches=20,
             ckpt_interval=50, log_interval=10,
         ),
+        budgets=_budgets("smoke"),
         description="small models on the embedded Wikipedia corpus; whole book on 2 CPU cores",
     ),
     "small": Scale(
@@ -60,6 +94,7 @@ SCALES: dict[str, Scale] = {
             ckpt_interval=500, log_interval=25,
         ),
         seeds=(1337, 1338, 1339),
+        budgets=_budgets("small"),
         description="reFlow-Small-class models (≈46M) on one GPU in about an hour",
     ),
     "paper": Scale(
@@ -71,21 +106,74 @@ SCALES: dict[str, Scale] = {
             lr=6e-4, min_lr=6e-5, warmup_steps=2000, eval_interval=1000, eval_batches=200,
             ckpt_interval=1000, log_interval=50,
         ),
+        budgets=_budgets("paper"),
         description="the paper's configurations on OpenWebText (multi-GPU node, network for data)",
     ),
 }
 
+SCALE_NAMES: tuple[str, ...] = tuple(SCALES)
+"""The scales, smallest first: their order is the order of precedence for the figures of record."""
+
+
+class UnknownScaleError(UserError, ValueError):
+    """A scale name that is not in :data:`SCALES`."""
+
 
 def get_scale(name: str) -> Scale:
     if name not in SCALES:
-        raise ValueError(f"unknown scale '{name}'; choose one of {list(SCALES)}")
+        raise UnknownScaleError(f"unknown scale {name!r}; expected one of {', '.join(SCALE_NAMES)}")
     return SCALES[name]
+
+
+def scale_rank(name: str) -> int:
+    """Position of ``name`` in :data:`SCALE_NAMES` (``test`` = 0 …); raises for an unknown scale."""
+    get_scale(name)
+    return SCALE_NAMES.index(name)
+
+
+def budget(scale: str, chapter: str) -> dict:
+    """The experiment budget of ``chapter`` ("sae", "steering", "followups", "bench") at ``scale``."""
+    return dict(get_scale(scale).budgets[chapter])
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths
+
+
+def find_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The nearest directory at or above ``start`` (default: the working directory) that holds ``_toc.yml``.
+
+    Falls back to the checkout this package was imported from. Notebooks run with ``cwd=notebooks/``, so this
+    finds the repository from inside a kernel as well as from a shell.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "_toc.yml").is_file():
+            return candidate
+    if (REPO_ROOT / "_toc.yml").is_file():
+        return REPO_ROOT
+    raise UserError(f"no _toc.yml found at or above {here} (nor next to the reflow_core package)")
+
+
+def resolve_results_dir(results_dir: str | os.PathLike | None, scale: str,
+                        repo_root: str | os.PathLike | None = None) -> Path:
+    """The results folder of a scale: ``results_dir`` if given, else ``<repo_root>/results/<scale>``.
+
+    ``repo_root`` defaults to the repository found from the working directory (:func:`find_repo_root`). Notebooks call
+    this on their ``results_dir`` parameter, which is ``""`` when they are opened by hand; a relative path (what the
+    book runner injects) is taken from the repository root, so the executed notebooks of record never print a
+    machine's absolute path.
+    """
+    scale_rank(scale)
+    root = Path(repo_root).resolve() if repo_root else find_repo_root()
+    if results_dir:
+        path = Path(results_dir)
+        return (path if path.is_absolute() else root / path).resolve()
+    return root / "results" / scale
 
 
 def results_dir_for(scale: str, results_dir: str | os.PathLike | None = None) -> Path:
     """The per-scale results folder (created); papermill passes an explicit one, "" means the default."""
-    from reflow_core.book import resolve_results_dir
-
     path = resolve_results_dir(results_dir, scale, REPO_ROOT)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -97,19 +185,6 @@ def data_dir_for(scale: str) -> Path:
     return root / get_scale(scale).data_source
 
 
-def ensure_data(scale: str) -> Path:
-    """Prepare the scale's corpus once (the embedded sources need no network)."""
-    from reflow_core import data
-
-    path = data_dir_for(scale)
-    try:
-        data.load_tokens(path, "val")
-    except data.DatasetNotPreparedError:
-        print(f"preparing {get_scale(scale).data_source} into {path} …", flush=True)
-        data.prepare(get_scale(scale).data_source, path)
-    return path
-
-
 def preset_for(scale: str, family: str) -> str:
     return f"{family}@{get_scale(scale).size}"
 
@@ -119,9 +194,8 @@ def checkpoint_dir(scale: str, family: str, results_dir=None, seed: int | None =
     return results_dir_for(scale, results_dir) / "checkpoints" / f"{family}-seed{seed}"
 
 
-def train_config(scale: str, family: str, results_dir=None, seed: int | None = None, **overrides):
-    from reflow_core.train import TrainConfig
-
+def train_config(scale: str, family: str, results_dir=None, seed: int | None = None, **overrides) -> TrainConfig:
+    """The TrainConfig of ``family`` at ``scale`` (one seed), with its run folder under the scale's results."""
     spec = get_scale(scale)
     seed = spec.seeds[0] if seed is None else seed
     fields = dict(
@@ -133,43 +207,3 @@ def train_config(scale: str, family: str, results_dir=None, seed: int | None = N
     )
     fields.update(overrides)
     return TrainConfig.from_dict(fields)
-
-
-def ensure_model(scale: str, family: str, results_dir=None, seed: int | None = None, nproc: int | None = None):
-    """Train ``family`` at ``scale`` unless a finished run is already stored; return its summary."""
-    from reflow_core.launch import launch
-
-    config = train_config(scale, family, results_dir, seed)
-    summary_path = Path(config.out_dir) / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("steps") == config.max_steps:
-            return summary
-    ensure_data(scale)
-    return launch(config, nproc=nproc)
-
-
-def load_trained(scale: str, family: str, results_dir=None, seed: int | None = None, *, device: str = "cpu",
-                 train_if_missing: bool = True):
-    """The trained model of ``family`` at ``scale`` (training it first if needed), in eval mode.
-
-    Returns ``(model, label)`` where ``label`` names the checkpoint for figure stamps and captions.
-    """
-    from reflow_core.checkpoint import load_model
-
-    run = checkpoint_dir(scale, family, results_dir, seed)
-    if train_if_missing:
-        ensure_model(scale, family, results_dir, seed)
-    model, meta = load_model(run, device=device)
-    model.eval()
-    return model, f"{run.name}@step{meta['step']}"
-
-
-def load_initial(scale: str, family: str, results_dir=None, seed: int | None = None, *, device: str = "cpu"):
-    """The same model at initialisation (step 0), the null for every "did training create this?" question."""
-    from reflow_core.checkpoint import load_model
-
-    run = checkpoint_dir(scale, family, results_dir, seed)
-    model, _ = load_model(run / "init", device=device)
-    model.eval()
-    return model, f"{run.name}@init"

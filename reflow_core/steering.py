@@ -1,9 +1,8 @@
 """Steering a reFlow model by writing into its residual stream, and the live control panel.
 
-Everything here works on *layer states* h_0 … h_L of a model with L blocks: h_0 is the embedding (the input of
-block 0, hook ``blocks.0.resid_pre``) and h_l for l ≥ 1 is the output of block l−1 (``blocks.{l-1}.resid_post``).
-Injecting at layer l means h_l ← h_l + α·v̂ at every position, v̂ a unit direction in model space; injecting over a
-layer range does it at each layer of the range (the pushes add up along the residual stream).
+Everything here works on the *layer states* h_0 … h_L of :mod:`reflow_core.hooks`. Injecting at layer l means
+h_l ← h_l + α·v̂ at every position, v̂ a unit direction in model space; injecting over a layer range does it at each
+layer of the range (the pushes add up along the residual stream).
 
 Directions come from the model's own vocabulary module, so they are expressed in the signal basis the book reads:
 
@@ -19,152 +18,36 @@ top-k distribution (steered and unsteered); :func:`steering_panel` wraps it in i
 from __future__ import annotations
 
 import io
-import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from importlib.resources import files
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from reflow_core import tokenizer
+from reflow_core.hooks import encode_prompt, injected, last_logits
+from reflow_core.stimuli import sentiment_ids
 
 DIRECTION_KINDS = ("sentiment", "concept", "signal")
-
-
-# ----------------------------------------------------------------------------------------------
-# Stimuli shipped as package data, with the single-token checks the experiments rely on
-
-
-@lru_cache(maxsize=None)
-def load_stimuli(name: str) -> dict:
-    """``assets/prompts/<name>.json`` (``factual``, ``sentiment``, ``concepts``) as a dict."""
-    return json.loads(files("reflow_core").joinpath(f"assets/prompts/{name}.json").read_text())
-
-
-def token_ids(words: list[str], *, strict: bool = True) -> tuple[list[int], list[str]]:
-    """Ids of ``words`` that are exactly one GPT-2 token, and the words that are not.
-
-    ``strict=True`` raises when a word splits: the experiments compare single rows of per-token matrices, so a
-    multi-token word would silently measure something else.
-    """
-    ids, dropped = [], []
-    for w in words:
-        i = tokenizer.single_token_id(w)
-        if i is None:
-            dropped.append(w)
-        else:
-            ids.append(i)
-    if strict and dropped:
-        raise ValueError(f"not single GPT-2 tokens: {dropped}")
-    return ids, dropped
-
-
-def sentiment_ids() -> tuple[list[int], list[int]]:
-    s = load_stimuli("sentiment")
-    return token_ids(s["positive"])[0], token_ids(s["negative"])[0]
-
-
-def encode_prompt(model, prompt: str) -> torch.Tensor:
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise ValueError("empty prompt")
-    return torch.tensor([ids[-model.config.block_size:]], dtype=torch.long, device=model.device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Layer states and injection hooks
-
-
-def n_states(model) -> int:
-    """Number of layer states h_0 … h_L (= n_layer + 1)."""
-    return model.config.n_layer + 1
-
-
-def layer_hook_name(model, layer: int) -> str:
-    """The hook point whose tensor is the layer state h_layer."""
-    L = model.config.n_layer
-    if not 0 <= layer <= L:
-        raise ValueError(f"layer must be in 0..{L}, got {layer}")
-    return "blocks.0.resid_pre" if layer == 0 else f"blocks.{layer - 1}.resid_post"
-
-
-@torch.no_grad()
-def residual_states(model, idx: torch.Tensor) -> torch.Tensor:
-    """All layer states, shape (L+1, B, T, d), from one forward pass (hooks already attached still apply)."""
-    names = [layer_hook_name(model, l) for l in range(n_states(model))]
-    _, cache = model.run_with_cache(idx, names)
-    return torch.stack([cache[n] for n in names])
-
-
-def add_hook(vector: torch.Tensor, positions: slice | int | None = None):
-    """A hook that adds ``vector`` (shape d) to the residual stream at ``positions`` (default: all)."""
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        v = vector.to(x.dtype)
-        if positions is None:
-            return x + v
-        x = x.clone()
-        x[:, positions] = x[:, positions] + v
-        return x
-
-    return fn
-
-
-def injection_hooks(model, direction: torch.Tensor, layers, alpha: float, positions=None) -> dict:
-    """Hooks adding α·v̂ at every layer in ``layers`` (an int, or an inclusive ``(lo, hi)`` range, or a list)."""
-    layers = expand_layers(layers)
-    v = direction / direction.norm().clamp_min(1e-12)
-    return {layer_hook_name(model, l): add_hook(alpha * v, positions) for l in layers}
-
-
-def expand_layers(layers) -> list[int]:
-    if isinstance(layers, int):
-        return [layers]
-    if isinstance(layers, tuple) and len(layers) == 2:
-        lo, hi = layers
-        return list(range(int(lo), int(hi) + 1))
-    return [int(l) for l in layers]
-
-
-@contextmanager
-def injected(model, direction: torch.Tensor, layers, alpha: float, positions=None) -> Iterator[None]:
-    """``with injected(model, v, (0, 3), 8.0): …`` — every forward inside is steered."""
-    with model.hooks.attach(injection_hooks(model, direction, layers, alpha, positions)):
-        yield
 
 
 # ----------------------------------------------------------------------------------------------
 # Directions
 
 
-def embedding_rows(model, ids) -> torch.Tensor:
-    """Rows of the effective embedding matrix (recipe rows · W_basis for reFlow) for ``ids``."""
-    ids = torch.as_tensor(ids, device=model.device)
-    if model.is_factored:
-        return model.vocab.recipe_matrix()[ids] @ model.vocab.basis
-    return model.vocab.embedding_matrix()[ids]
-
-
 @torch.no_grad()
 def sentiment_direction(model, positive: list[int] | None = None, negative: list[int] | None = None) -> torch.Tensor:
-    """Mean recipe(positive) − mean recipe(negative), mapped to model space by W_basis (unit norm)."""
+    """Mean embedding(positive) − mean embedding(negative), unit norm. For reFlow this is the mean recipe difference
+    mapped to model space by W_basis (the embedding of a token is its recipe row times W_basis)."""
     if positive is None or negative is None:
         positive, negative = sentiment_ids()
-    if model.is_factored:
-        R = model.vocab.recipe_matrix()
-        diff_recipe = R[positive].mean(0) - R[negative].mean(0)
-        v = diff_recipe @ model.vocab.basis
-    else:
-        v = embedding_rows(model, positive).mean(0) - embedding_rows(model, negative).mean(0)
+    v = model.vocab.embed(torch.as_tensor(positive, device=model.device)).mean(0)
+    v = v - model.vocab.embed(torch.as_tensor(negative, device=model.device)).mean(0)
     return (v / v.norm().clamp_min(1e-12)).detach()
 
 
 @torch.no_grad()
 def concept_direction(model, token_id: int) -> torch.Tensor:
-    v = embedding_rows(model, [token_id])[0]
+    v = model.vocab.embed(torch.as_tensor([token_id], device=model.device))[0]
     return (v / v.norm().clamp_min(1e-12)).detach()
 
 
@@ -212,12 +95,6 @@ def log_mass(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
 def sentiment_score(logits: torch.Tensor, positive: list[int], negative: list[int]) -> torch.Tensor:
     """Positive minus negative next-token log-mass: > 0 means the model leans positive."""
     return log_mass(logits, positive) - log_mass(logits, negative)
-
-
-@torch.no_grad()
-def last_logits(model, idx: torch.Tensor) -> torch.Tensor:
-    logits, _ = model(idx, last_only=True)
-    return logits[:, -1, : model.config.real_vocab_size].float()
 
 
 @dataclass

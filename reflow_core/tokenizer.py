@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tiktoken
 
+from reflow_core.errors import UserError
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 RANK_FILE = ASSETS_DIR / "gpt2.tiktoken"
 # tiktoken_ext/openai_public.py: r50k_base(expected_hash=...); the GPT-2 ranks in base64 "token rank" lines.
@@ -31,17 +33,8 @@ VOCAB_SIZE = 50257  # 50,000 merges + 256 byte tokens + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # nanoGPT's convention: VOCAB_SIZE rounded up to a multiple of 64 for faster matmuls
 
 
-class TokenizerFileError(RuntimeError):
+class TokenizerFileError(UserError, RuntimeError):
     """The shipped GPT-2 rank file is missing, altered or unreadable."""
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large files do not have to fit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_encoding(rank_file: str | Path = RANK_FILE, expected_sha256: str = RANK_FILE_SHA256) -> tiktoken.Encoding:

@@ -16,7 +16,8 @@ from reflow_core.cli import main
 from reflow_core.config import get_config
 from reflow_core.model import build_model
 from reflow_core.reference_loop import ReferenceLoop, reference_forward
-from reflow_core.train import TrainConfig, make_optimizer
+from reflow_core.config import TrainConfig
+from reflow_core.train import make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # tests only; the module itself never picks a backend
 import matplotlib.pyplot as plt
 import pytest
 
-from reflow_core import book
+from reflow_core import book, scales
 from reflow_core.figures import caption, provenance, save_figure, validate_figure_name, STAMP_GID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,10 +84,10 @@ def nested_repo(tmp_path):
 
 
 def test_scales_are_ordered():
-    assert book.SCALES == ("test", "smoke", "small", "paper")
-    assert [book.scale_rank(s) for s in book.SCALES] == [0, 1, 2, 3]
+    assert scales.SCALE_NAMES == ("test", "smoke", "small", "paper")
+    assert [scales.scale_rank(s) for s in scales.SCALE_NAMES] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="unknown scale 'huge'"):
-        book.scale_rank("huge")
+        scales.scale_rank("huge")
 
 
 def test_real_toc_starts_with_intro_then_scorecard_and_every_entry_exists():
@@ -138,10 +138,10 @@ def test_only_unknown_name_is_an_error(nested_repo):
 
 def test_resolve_results_dir(nested_repo, tmp_path, monkeypatch):
     monkeypatch.chdir(nested_repo / "notebooks")  # where papermill runs a chapter
-    assert book.resolve_results_dir("", "small") == nested_repo / "results" / "small"
-    assert book.resolve_results_dir(str(tmp_path / "r"), "small") == tmp_path / "r"
+    assert scales.resolve_results_dir("", "small") == nested_repo / "results" / "small"
+    assert scales.resolve_results_dir(str(tmp_path / "r"), "small") == tmp_path / "r"
     with pytest.raises(ValueError):
-        book.resolve_results_dir("", "huge")
+        scales.resolve_results_dir("", "huge")
 
 
 # ---------------------------------------------------------------------------------------------- promotion

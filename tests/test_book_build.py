@@ -36,7 +36,7 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from myst_nb import glue
 
-from reflow_core.book import resolve_results_dir
+from reflow_core.scales import resolve_results_dir
 from reflow_core.figures import caption, save_figure
 
 results = resolve_results_dir(results_dir, scale)

@@ -19,7 +19,8 @@ from reflow_core.config import get_config
 from reflow_core.data import prepare
 from reflow_core.model import build_model
 from reflow_core.sample import format_inspection, inspect_checkpoint, sample
-from reflow_core.train import TrainConfig, make_optimizer, train
+from reflow_core.config import TrainConfig
+from reflow_core.train import make_optimizer, train
 
 
 @pytest.fixture(scope="module")

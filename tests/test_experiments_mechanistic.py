@@ -16,7 +16,7 @@ from planted import identity_model
 
 from reflow_core.config import get_config
 from reflow_core.model import build_model
-from reflow_core.steering import layer_hook_name, residual_states
+from reflow_core.hooks import layer_hook_name, residual_states
 from reflow_core.tokenizer import single_token_id as tid
 from reflow_core.experiments import ablation, evolution, flow
 
@@ -155,7 +155,7 @@ def test_crystallisation_ignores_an_early_false_start():
 
 def test_lens_at_last_layer_is_the_model_output():
     m = build_model(get_config("reflow@test")).eval()
-    from reflow_core.steering import encode_prompt
+    from reflow_core.hooks import encode_prompt
 
     idx = encode_prompt(m, PROMPT)
     traj = evolution.lens_trajectory(m, idx)

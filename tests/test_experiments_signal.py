@@ -15,6 +15,7 @@ import torch
 from chapter_checks import check_chapter
 
 from reflow_core.config import get_config
+from reflow_core import stimuli
 from reflow_core.experiments import atlas, common, geometry, sparsity
 from reflow_core.model import build_model
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED
@@ -43,7 +44,7 @@ def plant_categories(model, spread: float = 0.05, seed: int = 1):
 
 
 def test_check_tokens_reports_why_words_are_dropped():
-    check = common.check_tokens([" king", " goverment", " king", "king", "\u2009king"])
+    check = stimuli.check_tokens([" king", " goverment", " king", "king", "\u2009king"])
     assert check.ids == {" king": single_token_id(" king"), "king": single_token_id("king")}
     assert check.dropped[" goverment"] == "splits into 3 tokens [' go', 'ver', 'ment']"
     assert " king" not in check.dropped
@@ -51,14 +52,14 @@ def test_check_tokens_reports_why_words_are_dropped():
 
 
 def test_curated_lists_keep_enough_words():
-    cats, dropped = common.category_ids(common.load_words("categories")["categories"])
+    cats, dropped = stimuli.category_ids(stimuli.load_words("categories")["categories"])
     assert all(len(ws) >= 8 for ws in cats.values()), {c: len(ws) for c, ws in cats.items()}
     assert len(dropped) <= 3
     from reflow_core.experiments import algebra, typo
 
     kept, _ = algebra.analogy_set()
     assert len(kept) >= 20
-    paper = {tuple(a[:4]) for a in common.load_words("analogies")["paper"]}
+    paper = {tuple(a[:4]) for a in stimuli.load_words("analogies")["paper"]}
     assert paper <= set(kept)
     pairs, templates = typo.typo_pairs()
     assert len(pairs) >= 30 and all("{w}" in t for t in templates)

@@ -15,21 +15,21 @@ import torch
 from chapter_checks import check_chapter
 from planted import identity_model
 
-from reflow_core import steering
+from reflow_core import hooks, steering, stimuli
 from reflow_core.tokenizer import single_token_id as tid
 from reflow_core.experiments import emotion, hijack, inception
 
 
 def sentiment_model(n_layer: int = 4, seed: int = 0):
     m = identity_model(n_layer, seed=seed)
-    pos, neg = steering.sentiment_ids()
+    pos, neg = stimuli.sentiment_ids()
     with torch.no_grad():
         R = m.vocab.recipe
         R[pos, 0] = 2.0
         R[neg, 0] = -2.0
         R[neg, 1] = 3.0  # negative words also lean on signal 1 ...
-        for p in steering.load_stimuli("sentiment")["prompts"] + steering.load_stimuli("sentiment")["negative_prompts"]:
-            last = steering.encode_prompt(m, p)[0, -1]
+        for p in stimuli.load_stimuli("sentiment")["prompts"] + stimuli.load_stimuli("sentiment")["negative_prompts"]:
+            last = hooks.encode_prompt(m, p)[0, -1]
             R[last, 1] = 1.0  # ... which every prompt's last token reads: unsteered, the model leans negative
     return m
 
@@ -37,7 +37,7 @@ def sentiment_model(n_layer: int = 4, seed: int = 0):
 def inert_after(m, layer: int, token: str = " the"):
     """Hooks overwriting layer state ``layer`` with a constant: nothing written at layers < ``layer`` survives."""
     const = m.vocab.recipe[tid(token)].detach().clone()
-    return {steering.layer_hook_name(m, layer): lambda x: const.expand_as(x).clone()}
+    return {hooks.layer_hook_name(m, layer): lambda x: const.expand_as(x).clone()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def test_emotion_surgery_responds_only_where_the_stream_is_not_overwritten():
     m = sentiment_model(n_layer=4)
     with m.hooks.attach(inert_after(m, 2)):  # layer state 2 is overwritten: injections at 0, 1 must vanish
         r = emotion.emotion_surgery(m, rel_alpha=2.0, n_random=16, gen_tokens=2,
-                                    prompts=steering.load_stimuli("sentiment")["prompts"][:6])
+                                    prompts=stimuli.load_stimuli("sentiment")["prompts"][:6])
     eff = r.effect.mean(axis=1)
     assert np.allclose(r.effect[:2], 0, atol=1e-5) and np.allclose(r.null_effect[:2], 0, atol=1e-5)
     assert r.responds == [False, False, True, True, True]
@@ -67,7 +67,7 @@ def test_emotion_surgery_responds_only_where_the_stream_is_not_overwritten():
 def test_emotion_flip_early_not_late_when_late_layers_are_overwritten():
     """An injection range before an inert layer must not flip; one after it must (seed: L0–L12 flips)."""
     m = sentiment_model(n_layer=6)
-    short = steering.load_stimuli("sentiment")["negative_prompts"][:2]
+    short = stimuli.load_stimuli("sentiment")["negative_prompts"][:2]
     r = emotion.emotion_surgery(m, rel_alpha=0.5, n_random=8, gen_tokens=3, prompts=short)
     assert emotion.layer_ranges(6) == {"early": (0, 2), "late": (3, 6)}
     assert r.flip_rate["early"] == 1.0 and r.null_flip_rate["early"] < 0.5
@@ -90,7 +90,7 @@ def test_emotion_flip_early_not_late_when_late_layers_are_overwritten():
 def analytic_alpha(m, prompt: str, concept: int) -> float:
     """Identity blocks, W_basis = I: c is top-1 iff (R_c − R_o)·(h0 + αv) > 0 for all o — linear in α."""
     R = m.vocab.recipe.detach()[: m.config.real_vocab_size].double()
-    h0 = R[steering.encode_prompt(m, prompt)[0, -1]]
+    h0 = R[hooks.encode_prompt(m, prompt)[0, -1]]
     v = R[concept] / R[concept].norm()
     d = R[concept] - R
     a, b = d @ h0, d @ v
@@ -115,8 +115,8 @@ def test_bisection_finds_the_analytic_alpha_at_every_layer():
     assert res.found.all()
     # random directions of the same norm almost never make the concept top-1 (null)
     assert res.null_found_rate < 0.5
-    idx = steering.encode_prompt(m, prompt)
-    below = inception.batched_critical_alpha(m, idx, 0, steering.embedding_rows(m, ids).detach(), ids,
+    idx = hooks.encode_prompt(m, prompt)
+    below = inception.batched_critical_alpha(m, idx, 0, m.vocab.embed(torch.as_tensor(ids)).detach(), ids,
                                              alpha_max=0.9 * min(expected))
     assert np.isinf(below).all()  # censored when α_max is below the threshold
 
@@ -144,11 +144,11 @@ def test_frequency_matched_null_picks_nearest_counts():
 
 def test_genetic_hijack_flips_planted_sentiment_without_collateral():
     m = sentiment_model(n_layer=2)
-    stim = steering.load_stimuli("sentiment")
+    stim = stimuli.load_stimuli("sentiment")
     pairs = [[p, n] for p, n in zip(stim["positive"], stim["negative"])]  # every positive row ↔ a negative row
     # validation text that never uses a sentiment word: swapping their rows cannot change its loss
     rng = np.random.default_rng(0)
-    banned = set(sum(steering.sentiment_ids(), []))
+    banned = set(sum(stimuli.sentiment_ids(), []))
     vocab = np.array([t for t in rng.integers(0, 50257, 400) if t not in banned])
     val = rng.choice(vocab, 1000).astype(np.uint16)
     r = hijack.genetic_hijack(m, val, pairs=pairs, n_null=2, max_batches=1, batch_size=4, gen_tokens=2)
@@ -187,10 +187,10 @@ def test_steer_pure_function_planted_concept():
 def test_injection_range_adds_up_per_layer():
     m = identity_model(n_layer=3)
     v = torch.randn(m.config.d_model)
-    idx = steering.encode_prompt(m, "The movie was")
-    h0 = steering.residual_states(m, idx)[-1]
-    with steering.injected(m, v, (1, 3), 2.0):
-        h1 = steering.residual_states(m, idx)[-1]
+    idx = hooks.encode_prompt(m, "The movie was")
+    h0 = hooks.residual_states(m, idx)[-1]
+    with hooks.injected(m, v, (1, 3), 2.0):
+        h1 = hooks.residual_states(m, idx)[-1]
     assert torch.allclose(h1 - h0, (3 * 2.0 * v / v.norm()).expand_as(h0), atol=1e-5)
 
 
@@ -210,7 +210,7 @@ def test_steering_panel_regenerates_on_change_and_matches_pure_function():
     ref = steering.steer(m, panel.spec())
     assert second.top_tokens == ref.top_tokens and second.continuation == ref.continuation
     assert np.allclose(second.top_probs, ref.top_probs)
-    assert second.top_tokens[0].strip() in [w.strip() for w in steering.load_stimuli("sentiment")["positive"]]
+    assert second.top_tokens[0].strip() in [w.strip() for w in stimuli.load_stimuli("sentiment")["positive"]]
     with torch.no_grad():
         m.vocab.recipe[tid(" river")] *= 5
     panel.kind.value = "concept"

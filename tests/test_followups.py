@@ -11,7 +11,8 @@ from reflow_core import tokenizer
 from reflow_core.config import get_config
 from reflow_core.experiments import boundary
 from reflow_core.model import GPT, build_model
-from reflow_core.monitor import CoherenceMonitor, MonitorEval, NgramMonitor, evaluate_monitor, loop_onset
+from reflow_core.experiments.loop_monitor import MonitorEval, evaluate_monitor
+from reflow_core.monitor import CoherenceMonitor, NgramMonitor, loop_onset
 from reflow_core.sample import sample
 from reflow_core.scorecard import NOT_TESTABLE, REPRODUCED
 

@@ -6,7 +6,8 @@ import torch
 from reflow_core.config import (
     PAPER_PRESETS, PUBLISHED_PARAMS_M, ConfigError, ModelConfig, get_config, preset_names,
 )
-from reflow_core.model import GPT, FactoredVocab, build_model
+from reflow_core.model import GPT, build_model
+from reflow_core.vocab import FactoredVocab
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PRESETS))

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from reflow_core import hooks
 from reflow_core.sae import activations, metrics
-from reflow_core.sae.report import torch_threads
+from reflow_core.device import torch_threads
 from reflow_core.sae.topk import TopKSAE
 from reflow_core.sae.train import Reconstructor, SAEConfig, build_variant, train_reconstructor
 
@@ -84,12 +85,13 @@ def test_widened_sae_matches_parameter_count():
 def test_activations_stream_from_memmap(tmp_path):
     from reflow_core.config import get_config
     from reflow_core.model import build_model
-    from reflow_core.scales import data_dir_for, ensure_data
+    from reflow_core.scales import data_dir_for
+    from reflow_core.runs import ensure_data
 
     ensure_data("test")
     torch.manual_seed(0)
     model = build_model(get_config("reflow@test"))
-    hook = activations.hook_name(0)
+    hook = hooks.layer_hook_name(model, 1)  # h_1, the output of block 0
     a = activations.collect(model, hook, data_dir_for("test"), n_train=2000, n_val=256, block_size=32, max_bytes=1000,
                             cache_dir=tmp_path, progress=False)
     assert a.on_disk and isinstance(a.train, np.memmap)
@@ -97,5 +99,5 @@ def test_activations_stream_from_memmap(tmp_path):
     xn = a.sample(4000, torch.Generator().manual_seed(0))
     assert xn.pow(2).sum(-1).mean().item() == pytest.approx(32, rel=0.1)
     # the val vectors are the hook's values on the held-out windows
-    h = activations.read_hook(model, a.val_windows[:1], hook).reshape(-1, 32)
+    h = hooks.read_hook(model, a.val_windows[:1], hook).reshape(-1, 32)
     assert torch.allclose(h, a.val[: len(h)], atol=1e-5)

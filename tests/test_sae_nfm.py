@@ -7,6 +7,7 @@ import pytest
 import torch
 from chapter_checks import check_chapter
 
+from reflow_core import hooks
 from reflow_core.sae import activations, metrics
 from reflow_core.sae.nfm import NFM, bi_interaction, bi_interaction_dense
 from reflow_core.sae.topk import topk_relu
@@ -76,7 +77,7 @@ def windows(n=2, T=16):
 
 def test_splice_identity_gives_zero_kl_and_zero_delta_ce(tiny_lm):
     x, y = windows()
-    hook = activations.hook_name(0)
+    hook = hooks.layer_hook_name(tiny_lm, 1)  # h_1, the output of block 0
     seen = {}
 
     def spy(h):
@@ -88,7 +89,7 @@ def test_splice_identity_gives_zero_kl_and_zero_delta_ce(tiny_lm):
     assert r["identity"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert r["identity"]["delta_ce"] == pytest.approx(0.0, abs=1e-5)
     # the hook reads the very tensor the model computes there
-    assert torch.allclose(seen["x"], activations.read_hook(tiny_lm, x, hook), atol=1e-6)
+    assert torch.allclose(seen["x"], hooks.read_hook(tiny_lm, x, hook), atol=1e-6)
     assert r["zero"]["kl"] > 100 * max(r["identity"]["kl"], 1e-6)
     assert r["zero"]["kl"] > 1e-3
 
@@ -96,8 +97,8 @@ def test_splice_identity_gives_zero_kl_and_zero_delta_ce(tiny_lm):
 def test_splice_writes_at_the_same_hook(tiny_lm):
     """A reconstruction spliced at blocks.0.resid_post equals running the rest of the model from that state."""
     x, y = windows(1)
-    hook = activations.hook_name(0)
-    h = activations.read_hook(tiny_lm, x, hook)
+    hook = hooks.layer_hook_name(tiny_lm, 1)  # h_1, the output of block 0
+    h = hooks.read_hook(tiny_lm, x, hook)
     noise = torch.randn_like(h) * 0.1
     with tiny_lm.hooks.attach({hook: lambda t: t + noise}):
         spliced, _ = tiny_lm(x)
@@ -161,7 +162,7 @@ def fake_results(fvu_wide=(45.0, 30.0, 60.0), kl_wide=(10.0, -5.0, 25.0), bimoda
 
 
 def test_scorecard_rows_verdicts():
-    from reflow_core.sae.report import scorecard_rows
+    from reflow_core.experiments.posthoc import scorecard_rows
     from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, load_claims
 
     rows = {r.claim_id: r for r in scorecard_rows(fake_results(), "test", "ckpt")}

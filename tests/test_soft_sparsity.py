@@ -6,9 +6,15 @@ import torch
 
 from reflow_core.checkpoint import load_model, save_checkpoint
 from reflow_core.config import ConfigError, get_config
-from reflow_core.model import VOCAB_MODULES, TopKVocab, build_model
-from reflow_core.soft_sparsity import (
-    RelativeMeanGatedVocab, RoutedVocab, active_per_token, measured_rate, quantile_threshold, routing_divergence,
+from reflow_core.vocab import VOCAB_MODULES, TopKVocab
+from reflow_core.model import build_model
+from reflow_core.vocab.gated import (
+    RelativeMeanGatedVocab,
+    RoutedVocab,
+    active_per_token,
+    measured_rate,
+    quantile_threshold,
+    routing_divergence,
 )
 
 FAMILIES = ["reflow-rmg", "reflow-routed"]
@@ -153,7 +159,7 @@ def test_ordinary_training_lowers_the_loss_at_constant_rate(family, tmp_path):
 
 
 def _metrics(family, cos, mrr, sil):
-    from reflow_core.soft_sparsity import VariantMetrics
+    from reflow_core.experiments.sparsity_variants import VariantMetrics
 
     return VariantMetrics(family=family, val_loss=3.0, rate=0.0625, active_mean=8.0, active_sd=1.0, rate_at_2=0.1,
                           gini=0.1, three_four=cos, purity=0.5, silhouette=sil, silhouette_p=0.01, mrr=mrr,
@@ -162,7 +168,7 @@ def _metrics(family, cos, mrr, sil):
 
 def test_soft_sparsity_row_verdicts():
     from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED
-    from reflow_core.soft_sparsity import soft_sparsity_row
+    from reflow_core.experiments.sparsity_variants import soft_sparsity_row
 
     dense, topk = _metrics("reflow", 0.7, 0.5, 0.1), _metrics("reflow-topk", 0.3, 0.1, -0.02)
     keeps = {"reflow": dense, "reflow-topk": topk, "reflow-rmg": _metrics("reflow-rmg", 0.6, 0.4, 0.08),

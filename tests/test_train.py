@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from reflow_core import checkpoint as ckpt_io
-from reflow_core.cli import ERROR_PREFIX, main
+from reflow_core.errors import ERROR_PREFIX
+from reflow_core.cli import main
 from reflow_core.config import ConfigError
 from reflow_core.data import prepare
 from reflow_core.model import GPT, build_model
-from reflow_core.train import ENV_KILL_AT_STEP, ENV_PROGRESS, TrainConfig, TrainingDiverged, lr_at, make_optimizer, train
+from reflow_core.config import TrainConfig
+from reflow_core.train import ENV_KILL_AT_STEP, ENV_PROGRESS, TrainingDiverged, lr_at, make_optimizer, train
 
 REPO = Path(__file__).resolve().parent.parent
 

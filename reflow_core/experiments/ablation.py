@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from reflow_core import tokenizer
 from reflow_core.experiments.common import Interval, seed_interval
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
-from reflow_core.steering import encode_prompt, layer_hook_name, load_stimuli, n_states
+from reflow_core.hooks import encode_prompt, layer_hook_name, n_states
+from reflow_core.stimuli import load_stimuli
 
 PAPER_PROMPT = "The capital of France is"
 PAPER_TARGET = " Paris"

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reflow_core.experiments.common import check_tokens, load_words, permutation_p, seed_interval, unit_rows, vocab_rows
+from reflow_core.stimuli import check_tokens, load_words
+from reflow_core.experiments.common import permutation_p, seed_interval, unit_rows, vocab_rows
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
 
 HIT_RANK = 5  # the paper counts Paris+China−France→Beijing at rank #2 as a hit; we call rank ≤ 5 a hit

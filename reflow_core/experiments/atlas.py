@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from reflow_core.experiments.common import (category_ids, cosine_matrix, load_words, nearest, seed_interval,
-                                            token_str, vocab_rows)
+from reflow_core.stimuli import category_ids, load_words, token_str
+from reflow_core.experiments.common import cosine_matrix, nearest, seed_interval, vocab_rows
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
 
 PAPER_THREE_FOUR = 0.7551

@@ -28,7 +28,9 @@ import torch
 from reflow_core.experiments.emotion import median_residual_norm
 from reflow_core.experiments.inception import batched_critical_alpha
 from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Row
-from reflow_core.steering import concept_direction, encode_prompt, injected, last_logits, n_states, token_ids
+from reflow_core.steering import concept_direction
+from reflow_core.hooks import encode_prompt, injected, last_logits, n_states
+from reflow_core.stimuli import token_ids
 
 SETS = ("short", "long")
 PAPER_DEPTH = 36

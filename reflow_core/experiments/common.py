@@ -1,113 +1,24 @@
-"""Helpers shared by all twelve experiments: word lists, token checks, vocabulary rows, statistics, seeds.
+"""Helpers shared by the experiments: vocabulary rows, statistics, results over seeds.
 
-Keep this module stable: experiments 1–12 import from it.
+Word lists, prompts and single-token checks are in :mod:`reflow_core.stimuli`; loading models per scale and seed in
+:mod:`reflow_core.runs`.
 
-* **Word lists** live as package data (``assets/words/<name>.json``); :func:`load_words` reads one.
-* **Token checks** — experiments that compare rows of per-token matrices need each word to be exactly one GPT-2
-  token. :func:`check_tokens` returns the ids of the words that are, and for every word that is not, *why* it was
-  dropped (it splits into several tokens, or duplicates an earlier word), so a chapter can print what it measured.
 * **Vocabulary rows** — :func:`vocab_rows` gives the per-token rows the book compares: the effective recipe rows
   (V×S) of a factored model, the embedding rows (V×d) of a tied model; :func:`embedding_rows` always gives E.
   Both are restricted to the real GPT-2 vocabulary (ids ≥ 50257 are padding and never compared).
 * **Statistics** — cosine matrices, the Gini coefficient, bootstrap CIs and intervals over training seeds.
-* **Models** — :func:`load_models` loads a family at every training seed of a scale (trained, or at initialisation
-  through :func:`initial_model`, which rebuilds step-0 weights from the run's seed when no ``init`` checkpoint exists).
+* **Groups** — :func:`over_models` applies an experiment to every model of every named group (one per seed),
+  :func:`summarise` and :func:`fmt_group` turn the results into intervals and prose.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib.resources import files
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-
-from reflow_core import tokenizer
-
-# ----------------------------------------------------------------------------------------------
-# Word lists and token checks
-
-
-@lru_cache(maxsize=None)
-def _read_words(name: str) -> str:
-    return files("reflow_core").joinpath(f"assets/words/{name}.json").read_text()
-
-
-def load_words(name: str) -> dict:
-    """``assets/words/<name>.json`` (``categories``, ``analogies``, ``typos``) as a fresh dict."""
-    return json.loads(_read_words(name))
-
-
-@dataclass
-class TokenCheck:
-    """The outcome of checking a word list against the GPT-2 vocabulary."""
-
-    ids: dict[str, int]  # word -> its single token id, in input order
-    dropped: dict[str, str]  # word -> why it was dropped
-
-    @property
-    def words(self) -> list[str]:
-        return list(self.ids)
-
-    def report(self) -> str:
-        if not self.dropped:
-            return f"all {len(self.ids)} words are single GPT-2 tokens"
-        why = "; ".join(f"{w!r}: {r}" for w, r in self.dropped.items())
-        return f"{len(self.ids)} kept, {len(self.dropped)} dropped ({why})"
-
-
-def check_tokens(words: Iterable[str]) -> TokenCheck:
-    """Keep the words that are exactly one GPT-2 token; say why each other word is dropped.
-
-    Mind the leading space: ``" king"`` (inside text) and ``"king"`` (start of text) are different tokens.
-    """
-    ids: dict[str, int] = {}
-    dropped: dict[str, str] = {}
-    seen: dict[int, str] = {}
-    for w in words:
-        if w in ids or w in dropped:  # the same word twice: judged once
-            continue
-        toks = tokenizer.encode(w)
-        if len(toks) != 1:
-            pieces = [tokenizer.decode([t]) for t in toks]
-            dropped[w] = f"splits into {len(toks)} tokens {pieces}" if toks else "empty"
-        elif toks[0] in seen:
-            dropped[w] = f"same token as {seen[toks[0]]!r}"
-        else:
-            seen[toks[0]] = w
-            ids[w] = toks[0]
-    return TokenCheck(ids, dropped)
-
-
-def category_ids(categories: dict[str, list[str]]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
-    """Single-token ids per category, and the dropped words (with why) over all categories.
-
-    A word listed in two categories is kept in the first only (a row cannot carry two labels).
-    """
-    check = check_tokens(w for ws in categories.values() for w in ws)
-    out: dict[str, dict[str, int]] = {}
-    taken: set[str] = set()
-    for cat, ws in categories.items():
-        out[cat] = {w: check.ids[w] for w in ws if w in check.ids and w not in taken}
-        taken.update(out[cat])
-    return out, check.dropped
-
-
-def word_token_ids(word: str) -> list[int]:
-    """All token ids of ``word`` (for experiments that handle multi-token words explicitly)."""
-    ids = tokenizer.encode(word)
-    if not ids:
-        raise ValueError(f"empty word {word!r}")
-    return ids
-
-
-def token_str(i: int) -> str:
-    return tokenizer.decode([int(i)])
-
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary rows
@@ -249,38 +160,7 @@ def permutation_p(observed: float, null: np.ndarray, greater: bool = True) -> fl
 
 
 # ----------------------------------------------------------------------------------------------
-# Models at every seed of a scale
-
-
-def initial_model(scale: str, family: str = "reflow", results_dir=None, seed: int | None = None):
-    """The model at step 0: the stored ``init`` checkpoint, or the same weights rebuilt from the run's config and seed
-    exactly as training builds them (seed, then ``build_model`` on the CPU)."""
-    from reflow_core.checkpoint import CheckpointNotFoundError
-    from reflow_core.model import build_model
-    from reflow_core.scales import load_initial, train_config
-
-    try:
-        return load_initial(scale, family, results_dir, seed)
-    except (CheckpointNotFoundError, FileNotFoundError):
-        config = train_config(scale, family, results_dir, seed)
-        torch.manual_seed(config.seed)
-        model = build_model(config.model_config(), "cpu").eval()
-        return model, f"{family}-seed{config.seed}@init"
-
-
-def load_models(scale: str, family: str, results_dir=None, *, initial: bool = False,
-                seeds: Sequence[int] | None = None) -> tuple[list, list[str]]:
-    """``family`` at every training seed of ``scale`` (trained, or at initialisation): (models, labels)."""
-    from reflow_core.scales import get_scale, load_trained
-
-    seeds = get_scale(scale).seeds if seeds is None else seeds
-    models, labels = [], []
-    for seed in seeds:
-        m, label = initial_model(scale, family, results_dir, seed) if initial else load_trained(
-            scale, family, results_dir, seed)
-        models.append(m)
-        labels.append(label)
-    return models, labels
+# Results over the models of a group (one per seed)
 
 
 def over_models(fn: Callable, models: dict[str, list], **kwargs) -> dict[str, list]:

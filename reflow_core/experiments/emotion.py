@@ -23,10 +23,9 @@ import torch
 from reflow_core import tokenizer
 from reflow_core.experiments.common import Interval, seed_interval
 from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Row
-from reflow_core.steering import (
-    encode_prompt, injected, last_logits, layer_hook_name, load_stimuli, n_states, random_directions,
-    residual_states, sentiment_direction, sentiment_ids, sentiment_score,
-)
+from reflow_core.hooks import encode_prompt, injected, last_logits, layer_hook_name, n_states, residual_states
+from reflow_core.stimuli import load_stimuli, sentiment_ids
+from reflow_core.steering import random_directions, sentiment_direction, sentiment_score
 
 
 @torch.no_grad()

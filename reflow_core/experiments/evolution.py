@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from reflow_core import tokenizer
 from reflow_core.experiments.common import Interval, seed_interval
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
-from reflow_core.steering import encode_prompt, load_stimuli, residual_states, token_ids
+from reflow_core.hooks import encode_prompt, residual_states
+from reflow_core.stimuli import load_stimuli, token_ids
 
 PAPER_BAND = (12 / 36, 18 / 36)  # the seed's L12–L18 of 36, as a fraction of depth
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from reflow_core import tokenizer
-from reflow_core.steering import encode_prompt, residual_states
+from reflow_core.hooks import encode_prompt, residual_states
 
 
 @dataclass

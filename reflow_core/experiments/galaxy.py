@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from reflow_core.experiments.atlas import curated
-from reflow_core.experiments.common import load_words, permutation_p, seed_interval, vocab_rows
+from reflow_core.stimuli import load_words
+from reflow_core.experiments.common import permutation_p, seed_interval, vocab_rows
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
 
 PAPER_SILHOUETTE = 0.1052

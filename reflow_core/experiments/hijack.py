@@ -28,7 +28,9 @@ import torch
 from reflow_core import tokenizer
 from reflow_core.data import iter_eval_batches
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
-from reflow_core.steering import encode_prompt, last_logits, load_stimuli, sentiment_ids, sentiment_score, token_ids
+from reflow_core.hooks import encode_prompt, last_logits
+from reflow_core.stimuli import load_stimuli, sentiment_ids, token_ids
+from reflow_core.steering import sentiment_score
 
 
 LOSS_TOLERANCE = 1e-4  # nats: float noise of a permuted softmax, far below any real collateral damage

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from reflow_core.scorecard import NOT_TESTABLE, Row, verdict_within
-from reflow_core.steering import (
-    embedding_rows, encode_prompt, last_logits, layer_hook_name, load_stimuli, n_states, random_directions, token_ids,
-)
+from reflow_core.steering import random_directions
+from reflow_core.hooks import encode_prompt, last_logits, layer_hook_name, n_states
+from reflow_core.stimuli import load_stimuli, token_ids
 from reflow_core.experiments.emotion import median_residual_norm
 
 PAPER_ALPHA = 18.4
@@ -91,7 +91,8 @@ def concept_inception(model, *, concepts: list[str] | None = None, prompts: list
     ids = token_ids(concepts)[0]
     unit = median_residual_norm(model, prompts)
     alpha_max = alpha_max_rel * unit
-    dirs = embedding_rows(model, ids).detach()
+    with torch.no_grad():
+        dirs = model.vocab.embed(torch.as_tensor(ids, device=model.device))  # the concepts' embedding rows
     g = torch.Generator().manual_seed(seed)
     rand = random_directions(n_random * len(ids), model.config.d_model, g, model.device)
     rand_ids = [i for i in ids for _ in range(n_random)]

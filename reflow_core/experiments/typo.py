@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from reflow_core import tokenizer
-from reflow_core.experiments.common import load_words, permutation_p, seed_interval, unit_rows, vocab_rows
+from reflow_core.stimuli import load_words
+from reflow_core.experiments.common import permutation_p, seed_interval, unit_rows, vocab_rows
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
 
 MEASURES = ("recipe", "readout", "top1", "top10")

@@ -1,4 +1,5 @@
-"""Residual-stream activations for the SAEs: read at one named hook point, held-out documents kept apart.
+"""Residual-stream activations for the SAEs: read at one hook point (a layer state of :mod:`reflow_core.hooks`),
+held-out documents kept apart.
 
 Train vectors come from random windows of the *train* split (``get_batch``), evaluation vectors from the fixed windows
 of the *val* split (``iter_eval_batches``): the corpus is split by document, so no held-out metric ever sees a
@@ -18,25 +19,7 @@ import numpy as np
 import torch
 
 from reflow_core import data
-
-
-def hook_name(layer: int) -> str:
-    return f"blocks.{layer}.resid_post"
-
-
-def default_layer(model) -> int:
-    """The middle block's output (the seed used a middle layer, 16 of 26)."""
-    return max(0, model.config.n_layer // 2 - 1)
-
-
-@torch.no_grad()
-def read_hook(model, idx: torch.Tensor, hook: str) -> torch.Tensor:
-    """The residual stream at ``hook`` for a batch of windows, (B, T, d); stops the forward pass there."""
-    layer = int(hook.split(".")[1])
-    cache = {}
-    with model.hooks.attach({hook: lambda x: cache.__setitem__("x", x.detach())}):
-        model.residual(idx, stop_at=layer + 1)
-    return cache["x"]
+from reflow_core.hooks import read_hook
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from reflow_core import tokenizer
-from reflow_core.steering import token_ids
+from reflow_core.stimuli import token_ids
 
 CELLS = ("formal_emotional", "formal_neutral", "informal_emotional", "informal_neutral")
 
@@ -62,7 +62,7 @@ def _encode(model, text: str) -> torch.Tensor:
 @torch.no_grad()
 def codes(lm, recon, acts, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per sentence: SAE code z and NFM pooled vector, each averaged over positions (normalised units)."""
-    from reflow_core.sae.activations import read_hook
+    from reflow_core.hooks import read_hook
 
     zs, pools = [], []
     for t in texts:

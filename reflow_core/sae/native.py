@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from reflow_core import tokenizer
 from reflow_core.sae import metrics
-from reflow_core.sae.activations import read_hook
+from reflow_core.hooks import read_hook
 
 PAPER_PROMPT = "The capital of France is"
 PAPER_TARGET = " Paris"
@@ -157,8 +157,6 @@ def unit_cosines(units: dict) -> pd.DataFrame:
 def plot_native(sweep: pd.DataFrame, summary: pd.DataFrame, k: int):
     """FVU and spliced KL against L0: native code over k, and the SAE family at their L0."""
     import matplotlib.pyplot as plt
-
-    from reflow_core.sae.report import VARIANT_LABELS
 
     has_kl = "kl" in sweep
     fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(10 if has_kl else 5.5, 3.8), squeeze=False)

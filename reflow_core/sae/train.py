@@ -29,6 +29,11 @@ from reflow_core.sae.topk import TopKSAE, width_for_params
 
 VARIANTS = ("sae", "sae_wide", "sae_linear", "sae_mlp", "joint", "sequential")
 PAPER_VARIANTS = ("sae_paper", "joint_paper")
+VARIANT_LABELS = {
+    "sae": "Top-K SAE", "sae_wide": "Top-K SAE, param-matched", "sae_linear": "SAE + linear",
+    "sae_mlp": "SAE + linear + MLP", "joint": "joint SAE+NFM", "sequential": "sequential SAE→NFM",
+    "sae_paper": "Top-K SAE (seed recipe)", "joint_paper": "joint SAE+NFM (seed recipe)",
+}
 
 
 @dataclass

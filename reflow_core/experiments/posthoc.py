@@ -1,13 +1,13 @@
-"""The post-hoc chapter as one experiment: activations → every variant × seed → metrics, norms, contributions,
-factorial, native comparison → a result with the data for each figure → scorecard rows.
+"""The post-hoc chapter (``07_posthoc``) as one experiment: activations → every variant × seed → metrics, norms,
+contributions, factorial, native comparison → a result with the data for each figure → scorecard rows.
 
-Budgets per scale live in :data:`BUDGETS` (SAE width as a multiple of d, k, steps, vectors, seeds): the chapter must run
-in a few minutes on 2 CPU cores at ``smoke``.
+The SAE library it runs is :mod:`reflow_core.sae`. Budgets per scale live in :mod:`reflow_core.scales` (``budget(scale,
+"sae")``: SAE width as a multiple of d, k, steps, vectors, seeds): the chapter must run in a few minutes on 2 CPU cores
+at ``smoke``. The layer is a layer state of :mod:`reflow_core.hooks` (default: the middle one).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,8 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from reflow_core.device import torch_threads
+from reflow_core.hooks import layer_hook_name, middle_layer
 from reflow_core.sae import activations, factorial, metrics, native
-from reflow_core.sae.train import SAEConfig, train_suite
+from reflow_core.sae.train import VARIANT_LABELS, SAEConfig, train_suite
+from reflow_core.scales import budget
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
 
 PAPER_RECON_PCT = 41.3
@@ -30,6 +33,8 @@ REPRODUCE_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class Budget:
+    """The SAE budget of a scale (``reflow_core.scales.budget(scale, "sae")``)."""
+
     width_mult: int
     k: int
     embed_dim: int
@@ -41,36 +46,16 @@ class Budget:
     n_seeds: int
     lr: float = 1e-3
 
-
-BUDGETS = {
-    "test": Budget(width_mult=4, k=8, embed_dim=16, steps=120, batch_size=256, n_train=6000, n_val=2000, n_windows=4,
-                   n_seeds=2),
-    "smoke": Budget(width_mult=4, k=16, embed_dim=64, steps=600, batch_size=256, n_train=100_000, n_val=8192,
-                    n_windows=8, n_seeds=3),
-    "small": Budget(width_mult=8, k=32, embed_dim=128, steps=20_000, batch_size=4096, n_train=4_000_000,
-                    n_val=65536, n_windows=32, n_seeds=3, lr=4e-4),
-    "paper": Budget(width_mult=16, k=64, embed_dim=256, steps=100_000, batch_size=4096, n_train=20_000_000,
-                    n_val=262144, n_windows=64, n_seeds=3, lr=2e-4),
-}
+    @classmethod
+    def at(cls, scale: str) -> "Budget":
+        return cls(**budget(scale, "sae"))
 
 
 def sae_config(scale: str, d: int) -> SAEConfig:
-    b = BUDGETS[scale]
+    b = Budget.at(scale)
     return SAEConfig(width=b.width_mult * d, k=b.k, embed_dim=b.embed_dim, steps=b.steps, batch_size=b.batch_size,
                      lr=b.lr, warmup_steps=max(1, b.steps // 20), dead_steps=max(20, b.steps // 8),
                      log_interval=max(1, b.steps // 40))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Small matmuls train faster on one thread when the machine is shared; ``None`` leaves torch's setting."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @dataclass
@@ -112,9 +97,9 @@ def run_posthoc(lm, scale: str, data_dir, *, results_dir=None, layer: int | None
     """Everything the chapter reports, on one trained model ``lm`` (reFlow: the native comparison needs signals)."""
     timings = {}
     t0 = time.time()
-    b = BUDGETS[scale]
-    layer = activations.default_layer(lm) if layer is None else layer
-    hook = activations.hook_name(layer)
+    b = Budget.at(scale)
+    layer = middle_layer(lm) if layer is None else layer
+    hook = layer_hook_name(lm, layer)
     cfg = sae_config(scale, lm.config.d_model)
     seeds = list(range(b.n_seeds)) if seeds is None else seeds
     log_path = None
@@ -200,13 +185,6 @@ def to_json(r: PosthocResult) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Figures
-
-VARIANT_LABELS = {
-    "sae": "Top-K SAE", "sae_wide": "Top-K SAE, param-matched", "sae_linear": "SAE + linear",
-    "sae_mlp": "SAE + linear + MLP", "joint": "joint SAE+NFM", "sequential": "sequential SAE→NFM",
-    "sae_paper": "Top-K SAE (seed recipe)", "joint_paper": "joint SAE+NFM (seed recipe)",
-}
-
 
 def plot_fidelity(r: PosthocResult):
     """FVU, KL and ΔCE (held-out, spliced) per variant with intervals over SAE seeds; references as lines."""
