@@ -143,6 +143,26 @@ def save_figure(fig, name: str, *, results_dir: str | os.PathLike, scale: str, c
     return png
 
 
+def figure_glue_key(name: str) -> str:
+    """The glue key of a figure in a chapter's text: its stable name with ``_`` for ``-``
+    (``fig-signal-identity-geometry`` → ``fig_signal_identity_geometry``)."""
+    return validate_figure_name(name).replace("-", "_")
+
+
+def publish_figure(fig, name: str, *, results_dir: str | os.PathLike, scale: str, checkpoint: Any,
+                   note: str = "") -> Path:
+    """Save ``fig`` under its stable name (:func:`save_figure`), glue it for a ``{glue:figure}`` directive
+    (:func:`figure_glue_key`) and close it, so it is shown once, where the text places it. Returns the PNG path."""
+    import matplotlib.pyplot as plt
+
+    from reflow_core.results import glue
+
+    png = save_figure(fig, name, results_dir=results_dir, scale=scale, checkpoint=checkpoint, note=note)
+    glue(figure_glue_key(name), fig)
+    plt.close(fig)
+    return png
+
+
 def caption(text: str, *, scale: str, checkpoint: Any) -> str:
     """``text`` followed by ``(scale: …, checkpoint: …)``, for figure captions and glued figure descriptions."""
     scale_rank(scale)

@@ -85,3 +85,25 @@ def load_models(scale: str, family: str, results_dir=None, *, initial: bool = Fa
         models.append(model)
         labels.append(label)
     return models, labels
+
+
+COMPARISON_GROUPS = ("reflow", "gpt2-new", "reflow (init)", "reflow-topk")
+"""The groups the recipe-space chapters compare: reFlow and GPT-2-New at every seed of the scale, reFlow at
+initialisation (the same seeds), and reFlow-TopK (first seed only)."""
+
+
+def comparison_models(scale: str, results_dir=None, *, with_topk: bool = True) -> tuple[dict, dict]:
+    """``{group: [model per seed]}`` and ``{group: [checkpoint label per seed]}`` for :data:`COMPARISON_GROUPS`."""
+    seeds = get_scale(scale).seeds
+    models, labels = {}, {}
+    models["reflow"], labels["reflow"] = load_models(scale, "reflow", results_dir)
+    models["gpt2-new"], labels["gpt2-new"] = load_models(scale, "gpt2-new", results_dir)
+    models["reflow (init)"], labels["reflow (init)"] = load_models(scale, "reflow", results_dir, initial=True)
+    if with_topk:
+        models["reflow-topk"], labels["reflow-topk"] = load_models(scale, "reflow-topk", results_dir, seeds=seeds[:1])
+    return models, labels
+
+
+def seeds_label(labels: list[str]) -> str:
+    """The first seed's checkpoint label, and how many more seeds there are: what a figure stamp names."""
+    return labels[0] + (f" (+{len(labels) - 1} more seeds)" if len(labels) > 1 else "")

@@ -27,6 +27,25 @@ VERDICTS = (REPRODUCED, NOT_REPRODUCED, NOT_TESTABLE, NOT_YET)
 REGISTRY_FIELDS = ("source", "claim", "paper")
 
 
+@dataclass
+class Control:
+    """A positive control of a claim's test: did the test show, on this build, that it can see the effect?
+
+    ``name`` says which control (a competence gate, a baseline gate, a planted spike-in, or why none is possible),
+    ``detail`` the measured numbers; ``value`` and ``threshold`` (where the control is one number against a bar) let the
+    competence figure plot it.
+    """
+
+    name: str
+    passed: bool
+    detail: str = ""
+    value: float | None = None
+    threshold: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'passed' if self.passed else 'failed'}" + (f" ({self.detail})" if self.detail else "")
+
+
 @dataclass(kw_only=True)
 class Row:
     """One measured claim.  ``source``, ``claim`` and ``paper`` come from the registry (``assets/claims.json``) by
@@ -103,46 +122,3 @@ def scorecard_table(results_dir: str | Path) -> pd.DataFrame:
     table = pd.concat([rows, pending], ignore_index=True)
     order = {cid: i for i, cid in enumerate(claims["claim_id"])}
     return table.sort_values("claim_id", key=lambda s: s.map(order)).reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rows of the Architecture and Training chapters
-
-# The paper reports reFlow ~1% above GPT-2-New at matched depth. One seed of a small model moves by a
-# few tenths of a percent to a few percent between seeds, so a gap up to this many percentage points
-# above the paper's figure (or any negative gap) counts as the same result.
-VAL_GAP_TOLERANCE_PCT = 2.0
-PAPER_VAL_GAP_PCT = 1.0
-
-
-def architecture_rows(n_match: int, n_total: int, scale: str) -> list[Row]:
-    return [Row(
-        claim_id="arch.params",
-        ours=f"{n_match}/{n_total} exact to two decimals",
-        verdict=REPRODUCED if n_match == n_total else NOT_REPRODUCED,
-        why="counted by instantiating each config on the meta device (nanoGPT conventions, SwiGLU width rule)",
-        scale=scale, checkpoint="none (meta device)",
-    )]
-
-
-def training_rows(val_loss: dict[str, float], scale: str, checkpoint: str, n_seeds: int) -> list[Row]:
-    rows = []
-    if "reflow" in val_loss and "gpt2-new" in val_loss:
-        gap = 100 * (val_loss["reflow"] - val_loss["gpt2-new"]) / val_loss["gpt2-new"]
-        held = gap <= PAPER_VAL_GAP_PCT + VAL_GAP_TOLERANCE_PCT
-        rows.append(Row(
-            claim_id="training.val_gap",
-            ours=f"{gap:+.2f}% (val {val_loss['reflow']:.3f} vs {val_loss['gpt2-new']:.3f}, same depth and budget)",
-            verdict=REPRODUCED if held else NOT_REPRODUCED,
-            why=(f"{n_seeds} seed(s); tolerance {VAL_GAP_TOLERANCE_PCT:g} points above the paper's gap for seed noise"
-                 if held else f"gap exceeds the paper's +1% by more than {VAL_GAP_TOLERANCE_PCT:g} points ({n_seeds} seed(s))"),
-            scale=scale, checkpoint=checkpoint,
-        ))
-    rows.append(Row(
-        claim_id="training.scaling",
-        ours="—",
-        verdict=NOT_TESTABLE if scale != "paper" else NOT_YET,
-        why="needs the 464M and 515M models on OpenWebText (paper scale)",
-        scale=scale, checkpoint=checkpoint,
-    ))
-    return rows

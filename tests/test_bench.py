@@ -154,3 +154,12 @@ def test_cost_chapter_stores_bench_and_chapter_times(real_book):
     assert cost["scale"] == "test" and len(cost["bench"]) == 2
     # it runs after the other chapters, so the book runner's record of their wall times is complete
     assert cost["chapter_times"] and "02_training" in cost["chapter_times"]["chapters"]
+
+
+def test_cost_chapter_bench_verdicts():
+    from reflow_core.chapters.cost import bench_verdict
+
+    assert bench_verdict({"median": 1.4, "min": 0.9, "max": 1.6}, 1.3).startswith("meets")
+    assert bench_verdict({"median": 1.2, "min": 1.1, "max": 1.25}, 1.3).startswith("faster in every repeat")
+    assert bench_verdict({"median": 0.8, "min": 0.7, "max": 0.9}, 1.0).startswith("slower in every repeat")
+    assert bench_verdict({"median": 0.98, "min": 0.9, "max": 1.1}, 1.0).startswith("within this machine's noise")

@@ -162,10 +162,10 @@ def fake_results(fvu_wide=(45.0, 30.0, 60.0), kl_wide=(10.0, -5.0, 25.0), bimoda
 
 
 def test_scorecard_rows_verdicts():
-    from reflow_core.experiments.posthoc import scorecard_rows
+    from reflow_core.chapters.posthoc import rows_from_record
     from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, load_claims
 
-    rows = {r.claim_id: r for r in scorecard_rows(fake_results(), "test", "ckpt")}
+    rows = {r.claim_id: r for r in rows_from_record(fake_results(), "test", "ckpt")}
     assert set(rows) == {"sae.recon", "sae.kl", "sae.bimodal", "sae.factorial"}
     assert set(rows) <= set(load_claims().claim_id)
     assert rows["sae.recon"].verdict == REPRODUCED  # 45% ≥ half of 41.3%, interval above 0
@@ -173,9 +173,9 @@ def test_scorecard_rows_verdicts():
     assert rows["sae.kl"].verdict == NOT_REPRODUCED  # 10% < half of 51.6%
     assert rows["sae.bimodal"].verdict == NOT_REPRODUCED  # bimodal, but the low mode never fired
     assert "artefact" in rows["sae.bimodal"].why
-    assert scorecard_rows(fake_results(never=0.1), "test", "c")[2].verdict == REPRODUCED
+    assert rows_from_record(fake_results(never=0.1), "test", "c")[2].verdict == REPRODUCED
     assert rows["sae.factorial"].verdict == REPRODUCED
-    assert scorecard_rows(fake_results(pc=0.01), "test", "c")[3].verdict == NOT_REPRODUCED
+    assert rows_from_record(fake_results(pc=0.01), "test", "c")[3].verdict == NOT_REPRODUCED
 
 
 def test_factorial_stimuli_are_disjoint_and_balanced():

@@ -159,7 +159,7 @@ def test_ordinary_training_lowers_the_loss_at_constant_rate(family, tmp_path):
 
 
 def _metrics(family, cos, mrr, sil):
-    from reflow_core.experiments.sparsity_variants import VariantMetrics
+    from reflow_core.chapters.sparsity_variants import VariantMetrics
 
     return VariantMetrics(family=family, val_loss=3.0, rate=0.0625, active_mean=8.0, active_sd=1.0, rate_at_2=0.1,
                           gini=0.1, three_four=cos, purity=0.5, silhouette=sil, silhouette_p=0.01, mrr=mrr,
@@ -168,7 +168,7 @@ def _metrics(family, cos, mrr, sil):
 
 def test_soft_sparsity_row_verdicts():
     from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED
-    from reflow_core.experiments.sparsity_variants import soft_sparsity_row
+    from reflow_core.chapters.sparsity_variants import soft_sparsity_row
 
     dense, topk = _metrics("reflow", 0.7, 0.5, 0.1), _metrics("reflow-topk", 0.3, 0.1, -0.02)
     keeps = {"reflow": dense, "reflow-topk": topk, "reflow-rmg": _metrics("reflow-rmg", 0.6, 0.4, 0.08),

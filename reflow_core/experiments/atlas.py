@@ -157,6 +157,24 @@ def summary_table(results: dict[str, list[AtlasResult]]):
     return pd.DataFrame(rows).set_index("model")
 
 
+def top_pairs_table(result: AtlasResult):
+    """The top cosine pairs among the curated words, and whether each is same-category."""
+    import pandas as pd
+
+    return pd.DataFrame(result.top_pairs, columns=["word", "word ", "cosine", "same category"]).round(3)
+
+
+SHOWN_NEIGHBOURS = (" three", " king", " France", " Paris", " red", " dog", " walked", " March")
+
+
+def neighbours_table(result: AtlasResult, words=SHOWN_NEIGHBOURS):
+    """Whole-vocabulary nearest tokens of a few curated words (those the single-token check kept)."""
+    import pandas as pd
+
+    shown = [w for w in words if w in result.vocab_neighbours]
+    return pd.DataFrame({w.strip(): [f"{t!r} {c:.2f}" for t, c in result.vocab_neighbours[w]] for w in shown})
+
+
 def plot_heatmap(result: AtlasResult, categories: tuple[str, ...] = ("numbers", "royalty", "countries", "capitals"),
                  title: str = "Recipe cosine similarity"):
     import matplotlib.pyplot as plt

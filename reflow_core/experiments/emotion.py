@@ -140,6 +140,14 @@ def flip_rate_over_seeds(models: list, rel_alpha: float = 1.0, n_random: int = 8
                                           prompts=short).flip_rate["early"] for m in models])
 
 
+def generations_table(result: EmotionResult):
+    """Greedy continuations of the negative prompts without and with the early-range injection."""
+    import pandas as pd
+
+    pd.set_option("display.max_colwidth", 90)
+    return pd.DataFrame(result.generations)
+
+
 def plot_emotion(result: EmotionResult):
     """Mean score change per injection layer: sentiment direction vs random directions (5–95% band)."""
     import matplotlib.pyplot as plt

@@ -128,6 +128,14 @@ def evolution_with_baselines(models: dict, items: list[dict] | None = None) -> d
     return {label: layer_evolution(m, items, label=label) for label, m in models.items()}
 
 
+def summary_table(results: dict[str, EvolutionResult]):
+    """Each model's summary (crystallisation and half-probability layers, as layers and fractions of depth), one row
+    per model."""
+    import pandas as pd
+
+    return pd.DataFrame({label: r.summary for label, r in results.items()}).T.round(3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Figures
 

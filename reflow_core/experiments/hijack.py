@@ -181,6 +181,14 @@ def signal_column_edit(model, val_tokens, prompts, *, factor: float, max_batches
             "delta_loss": l1 - loss_before, "null_delta_loss": (np.array(null) - loss_before).tolist()}
 
 
+def generations_table(result: HijackResult):
+    """Greedy continuations of the negative prompts before and after the swap."""
+    import pandas as pd
+
+    pd.set_option("display.max_colwidth", 90)
+    return pd.DataFrame(result.generations)
+
+
 def plot_hijack(result: HijackResult):
     """Left: sentiment score per prompt before/after the swap. Right: Δ val loss vs frequency-matched random swaps."""
     import matplotlib.pyplot as plt

@@ -108,6 +108,18 @@ def concept_inception(model, *, concepts: list[str] | None = None, prompts: list
                            null_alpha=null)
 
 
+def layer_table(result: InceptionResult):
+    """Per layer: median critical α, and the share of prompt × concept pairs made top-1 by the concept's direction
+    and by random directions."""
+    import pandas as pd
+
+    med = result.median_alpha_per_layer()
+    null_found = np.isfinite(result.null_alpha).reshape(len(med), -1)
+    return pd.DataFrame({"layer": range(len(med)), "median critical α": np.round(med, 3),
+                         "share made top-1": result.found.reshape(len(med), -1).mean(1).round(2),
+                         "random directions: share": null_found.mean(1).round(2)})
+
+
 def plot_inception(result: InceptionResult):
     """Critical α per injection layer (median over prompts × concepts, dots: each pair) and the null's hit rate."""
     import matplotlib.pyplot as plt

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from reflow_core import tokenizer
 from reflow_core.sae import metrics
+from reflow_core.sae.train import VARIANT_LABELS
 from reflow_core.hooks import read_hook
 
 PAPER_PROMPT = "The capital of France is"

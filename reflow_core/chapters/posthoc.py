@@ -1,5 +1,6 @@
-"""The post-hoc chapter (``07_posthoc``) as one experiment: activations → every variant × seed → metrics, norms,
-contributions, factorial, native comparison → a result with the data for each figure → scorecard rows.
+"""Chapter 07, Post-hoc vs native: a Top-K SAE, SAE→NFM and a joint SAE+NFM trained on reFlow's residual stream
+against matched baselines, as one experiment: activations → every variant × seed → metrics, norms, contributions,
+factorial, native comparison → a result with the data for each figure → scorecard rows.
 
 The SAE library it runs is :mod:`reflow_core.sae`. Budgets per scale live in :mod:`reflow_core.scales` (``budget(scale,
 "sae")``: SAE width as a multiple of d, k, steps, vectors, seeds): the chapter must run in a few minutes on 2 CPU cores
@@ -8,6 +9,7 @@ at ``smoke``. The layer is a layer state of :mod:`reflow_core.hooks` (default: t
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,14 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
+from reflow_core.chapters import ChapterResult
 from reflow_core.device import torch_threads
 from reflow_core.hooks import layer_hook_name, middle_layer
+from reflow_core.runs import ensure_data, load_trained
 from reflow_core.sae import activations, factorial, metrics, native
 from reflow_core.sae.train import VARIANT_LABELS, SAEConfig, train_suite
-from reflow_core.scales import budget
+from reflow_core.scales import budget, results_dir_for
 from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
+
+NAME = "posthoc"
 
 PAPER_RECON_PCT = 41.3
 PAPER_KL_PCT = 51.6
@@ -58,8 +63,8 @@ def sae_config(scale: str, d: int) -> SAEConfig:
                      log_interval=max(1, b.steps // 40))
 
 
-@dataclass
-class PosthocResult:
+@dataclass(kw_only=True)
+class Result(ChapterResult):
     hook: str
     config: dict
     per_seed: pd.DataFrame
@@ -75,7 +80,92 @@ class PosthocResult:
     native_sweep: pd.DataFrame
     causal: dict
     unit_cosines: pd.DataFrame
+    train_log: Path | None = None  # the JSONL training log of every variant and seed (None: not written)
     timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The numbers of a result (no tensors, no per-latent tables)."""
+        def strip(bm):
+            return {k: v for k, v in bm.items() if k != "low_mode"}
+        return {
+            "hook": self.hook, "config": self.config, "summary": self.summary.reset_index().to_dict(orient="records"),
+            "per_seed": self.per_seed.to_dict(orient="records"), "zero_ablation": self.zero_ablation,
+            "comparisons": {k: list(v) for k, v in self.comparisons.items()},
+            "bimodality": {k: strip(v) for k, v in self.bimodality.items()}, "low_mode": self.low_mode,
+            "contribution_tests": self.contribution_tests,
+            "factorial": {k: {"summary": f.summary, "primary": f.primary, "feature": f.feature, "control": f.control}
+                          for k, f in self.factorial.items()},
+            "native_sweep": self.native_sweep.to_dict(orient="records"),
+            "causal": {"target_token": self.causal["target_token"], "p": self.causal["p"],
+                       "units": {k: {"unit": u.unit, "drop": u.drop, "null_drop": u.null_drop, "n": u.n_candidates}
+                                 for k, u in self.causal["units"].items()}},
+            "unit_cosines": self.unit_cosines.to_dict(), "timings": self.timings,
+        }
+
+    def prose(self) -> dict[str, object]:
+        cfg, c, s = self.config, self.comparisons, self.summary
+        p = {"scale": self.scale, "ckpt_label": self.checkpoint, "hook": self.hook, "width": cfg["width"],
+             "k": cfg["k"], "embed_dim": cfg["embed_dim"], "steps": cfg["steps"], "n_train": f"{cfg['n_train']:,}",
+             "n_val": f"{cfg['n_val']:,}", "n_seeds": len(cfg["seeds"]), "n_windows": cfg["n_windows"],
+             "minutes": f"{self.timings['total'] / 60:.1f}"}
+        # Reconstruction and fidelity
+        for metric in ("fvu", "kl"):
+            p[f"{metric}_vs_wide"] = pct(c[f"{metric}:joint_vs_sae_wide"])
+            p[f"{metric}_vs_sae"] = pct(c[f"{metric}:joint_vs_sae"])
+            p[f"{metric}_vs_linear"] = pct(c[f"{metric}:joint_vs_sae_linear"])
+            p[f"{metric}_seed_style"] = pct(c[f"{metric}:seed_style"])
+            p[f"{metric}_seq_vs_sae"] = pct(c[f"{metric}:sequential_vs_sae"])
+            p[f"{metric}_mlp_vs_linear"] = pct(c[f"{metric}:sae_mlp_vs_sae_linear"])
+            p[f"{metric}_joint_vs_mlp"] = pct(c[f"{metric}:joint_vs_sae_mlp"])
+        p["zero_kl"] = f"{self.zero_ablation.get('kl', float('nan')):.3g}"
+        p["kl_joint"] = f"{s.loc['joint', 'kl']:.3g}"
+        p["kl_joint_random"] = f"{s.loc['joint', 'kl_random']:.3g}"
+        p["kl_sae"] = f"{s.loc['sae', 'kl']:.3g}"
+        p["kl_sae_random"] = f"{s.loc['sae', 'kl_random']:.3g}"
+        # Decoder norms and contributions
+        bm, low, t = self.bimodality, self.low_mode, self.contribution_tests
+        p["bimodal_joint"] = str(bm["joint_paper"]["bimodal"])
+        p["bimodal_sae"] = str(bm["sae_paper"]["bimodal"])
+        p["bimodal_eff"] = str(bm["joint (effective)"]["bimodal"])
+        p["modes_joint"] = ", ".join(f"{m:.3g}" for m in bm["joint_paper"]["means"])
+        p["ashman_joint"] = f"{bm['joint_paper']['ashman_d']:.1f}"
+        p["low_never"] = f"{100 * low.get('low_never_fired', float('nan')):.0f}%"
+        p["high_never"] = f"{100 * low.get('high_never_fired', float('nan')):.0f}%"
+        p["low_moved"] = f"{low.get('low_moved_median', float('nan')):.2f}"
+        p["high_moved"] = f"{low.get('high_moved_median', float('nan')):.2f}"
+        p["rho_share"] = f"{t['share']['rho']:.2f}"
+        p["rho_per_act"] = f"{t['inter_per_act']['rho']:.2f}"
+        p["p_per_act"] = f"{t['inter_per_act']['p']:.2g}"
+        p["n_contrib"] = t["n_latents"]
+        # The 2×2 factorial
+        fs, fj = self.factorial["sequential"].summary, self.factorial["joint"].summary
+        p["fact_p_seq"] = f"{fs['p_feature']:.3g}"
+        p["fact_F_seq"] = f"{fs['F_feature']:.2f}"
+        p["fact_pc_seq"] = f"{fs['p_control']:.3g}"
+        p["fact_p_joint"] = f"{fj['p_feature']:.3g}"
+        p["fact_pc_joint"] = f"{fj['p_control']:.3g}"
+        p["fact_words"] = fs["n_words"]
+        p["fact_primary"] = ", ".join(f"{k}: {v}" for k, v in fs["primary_replicates"].items())
+        # Native vs post-hoc
+        sw, k = self.native_sweep, cfg["k"]
+        p["native_fvu_k"] = f"{sw.loc[sw.k == k, 'fvu'].iloc[0]:.3g}"
+        p["native_kl_k"] = f"{sw.loc[sw.k == k, 'kl'].iloc[0]:.3g}" if "kl" in sw else "—"
+        p["sae_fvu_k"] = f"{s.loc['sae', 'fvu']:.3g}"
+        p["joint_fvu_k"] = f"{s.loc['joint', 'fvu']:.3g}"
+        p["sae_kl_k"] = f"{s.loc['sae', 'kl']:.3g}"
+        p["causal_target"] = repr(self.causal["target_token"])
+        p["causal_p"] = f"{self.causal['p']:.3f}"
+        cos = self.unit_cosines
+        p["cos_native_sae"] = f"{cos.iloc[0, 1]:.2f}"
+        p["cos_native_joint"] = f"{cos.iloc[0, 2]:.2f}"
+        p["cos_sae_joint"] = f"{cos.iloc[1, 2]:.2f}"
+        return p
+
+
+def pct(ci) -> str:
+    """A paired reduction ``(mean, lo, hi)`` in % as the prose quotes it: ``+12.3% [+1.0, +20.0]``."""
+    m, lo, hi = ci
+    return f"{m:+.1f}%" + (f" [{lo:+.1f}, {hi:+.1f}]" if np.isfinite(lo) else "")
 
 
 def _low_mode_report(table: pd.DataFrame, bm: dict) -> dict:
@@ -92,9 +182,10 @@ def _low_mode_report(table: pd.DataFrame, bm: dict) -> dict:
     }
 
 
-def run_posthoc(lm, scale: str, data_dir, *, results_dir=None, layer: int | None = None, seeds: list[int] | None = None,
-                threads: int | None = 1, progress: bool = True) -> PosthocResult:
-    """Everything the chapter reports, on one trained model ``lm`` (reFlow: the native comparison needs signals)."""
+def run_posthoc(lm, scale: str, data_dir, *, checkpoint: str, results_dir=None, layer: int | None = None,
+                seeds: list[int] | None = None, threads: int | None = 1, progress: bool = True) -> Result:
+    """Everything the chapter reports, on one trained model ``lm`` (reFlow: the native comparison needs signals)
+    whose checkpoint label is ``checkpoint``."""
     timings = {}
     t0 = time.time()
     b = Budget.at(scale)
@@ -154,39 +245,55 @@ def run_posthoc(lm, scale: str, data_dir, *, results_dir=None, layer: int | None
         cos = native.unit_cosines(causal["units"])
         timings["native"] = time.time() - t
     timings["total"] = time.time() - t0
-    return PosthocResult(hook=hook, config={**cfg.__dict__, "seeds": seeds, "layer": layer, "scale_c": acts.scale,
-                                            "n_train": len(acts.train), "n_val": len(acts.val),
-                                            "n_windows": b.n_windows, "activations_on_disk": acts.on_disk},
-                         per_seed=df, summary=summary, zero_ablation=df.attrs.get("zero_ablation", {}),
-                         comparisons=comparisons, norms=norms, bimodality=bim, low_mode=low_mode,
-                         contributions=contrib, contribution_tests=ctests, factorial=fact, native_sweep=sweep,
-                         causal=causal, unit_cosines=cos, timings=timings)
+    return Result(scale=scale, checkpoint=checkpoint, hook=hook,
+                  config={**cfg.__dict__, "seeds": seeds, "layer": layer, "scale_c": acts.scale,
+                          "n_train": len(acts.train), "n_val": len(acts.val), "n_windows": b.n_windows,
+                          "activations_on_disk": acts.on_disk},
+                  per_seed=df, summary=summary, zero_ablation=df.attrs.get("zero_ablation", {}),
+                  comparisons=comparisons, norms=norms, bimodality=bim, low_mode=low_mode, contributions=contrib,
+                  contribution_tests=ctests, factorial=fact, native_sweep=sweep, causal=causal, unit_cosines=cos,
+                  train_log=log_path, timings=timings)
 
 
-def to_json(r: PosthocResult) -> dict:
-    """The numbers of a result (no tensors, no per-latent tables) for ``save_result``."""
-    def strip(bm):
-        return {k: v for k, v in bm.items() if k != "low_mode"}
-    return {
-        "hook": r.hook, "config": r.config, "summary": r.summary.reset_index().to_dict(orient="records"),
-        "per_seed": r.per_seed.to_dict(orient="records"), "zero_ablation": r.zero_ablation,
-        "comparisons": {k: list(v) for k, v in r.comparisons.items()},
-        "bimodality": {k: strip(v) for k, v in r.bimodality.items()}, "low_mode": r.low_mode,
-        "contribution_tests": r.contribution_tests,
-        "factorial": {k: {"summary": f.summary, "primary": f.primary, "feature": f.feature, "control": f.control}
-                      for k, f in r.factorial.items()},
-        "native_sweep": r.native_sweep.to_dict(orient="records"),
-        "causal": {"target_token": r.causal["target_token"], "p": r.causal["p"],
-                   "units": {k: {"unit": u.unit, "drop": u.drop, "null_drop": u.null_drop, "n": u.n_candidates}
-                             for k, u in r.causal["units"].items()}},
-        "unit_cosines": r.unit_cosines.to_dict(), "timings": r.timings,
-    }
+def run(scale: str, results_dir=None) -> Result:
+    """The chapter on the scale's trained reFlow model (first seed), SAE budget ``budget(scale, "sae")``."""
+    results_dir = results_dir_for(scale, results_dir)
+    model, checkpoint = load_trained(scale, "reflow", results_dir)
+    return run_posthoc(model, scale, ensure_data(scale), checkpoint=checkpoint, results_dir=results_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def summary_table(result: Result) -> pd.DataFrame:
+    """Parameters, width, L0, held-out FVU, dead share and the spliced metrics of every variant (mean over seeds)."""
+    table = result.summary[["params", "width", "l0", "fvu", "dead_frac", "kl", "delta_ce", "kl_random"]].copy()
+    table.index = [VARIANT_LABELS[v] for v in table.index]
+    return table.round(4)
+
+
+def reductions_table(result: Result) -> pd.DataFrame:
+    """Every paired reduction (mean [95% CI]) the chapter computes."""
+    return pd.DataFrame({k: pct(v) for k, v in result.comparisons.items()}, index=["reduction (mean [95% CI])"]).T
+
+
+def bimodality_table(result: Result) -> pd.DataFrame:
+    """The bimodality test of each decoder-norm distribution (without the per-latent mode labels)."""
+    return pd.DataFrame({k: {kk: vv for kk, vv in v.items() if kk != "low_mode"}
+                         for k, v in result.bimodality.items()}).T
+
+
+def units_table(result: Result) -> pd.DataFrame:
+    """Each method's causal unit on the Causal Ablation prompt, with the median drop of its other units."""
+    return pd.DataFrame({m: {"unit": u.unit, "drop in log p": u.drop, "median drop (other units)": u.null_drop,
+                             "candidates": u.n_candidates} for m, u in result.causal["units"].items()}).T
 
 
 # ----------------------------------------------------------------------------------------------
 # Figures
 
-def plot_fidelity(r: PosthocResult):
+def plot_fidelity(r: Result):
     """FVU, KL and ΔCE (held-out, spliced) per variant with intervals over SAE seeds; references as lines."""
     import matplotlib.pyplot as plt
 
@@ -224,7 +331,7 @@ def plot_fidelity(r: PosthocResult):
     return fig
 
 
-def plot_norms(r: PosthocResult):
+def plot_norms(r: Result):
     """Decoder squared norms (seed recipe: free norms) and effective norms (careful recipe), each latent's held-out
     activation frequency beside its norm."""
     import matplotlib.pyplot as plt
@@ -259,7 +366,7 @@ def plot_norms(r: PosthocResult):
     return fig
 
 
-def plot_contributions(r: PosthocResult):
+def plot_contributions(r: Result):
     """The seed's share inter/(inter+dec) vs decoder norm (negative by construction) beside the per-activation
     interaction effect, which does not contain the norm."""
     import matplotlib.pyplot as plt
@@ -281,8 +388,6 @@ def plot_contributions(r: PosthocResult):
 
 
 def plot_training(log_path):
-    import json
-
     import matplotlib.pyplot as plt
 
     rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
@@ -298,6 +403,18 @@ def plot_training(log_path):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def plot(result: Result) -> dict:
+    figures = {}
+    if result.train_log is not None:
+        figures["fig-posthoc-training"] = plot_training(result.train_log)
+    figures["fig-posthoc-fidelity"] = plot_fidelity(result)
+    figures["fig-posthoc-norms"] = plot_norms(result)
+    figures["fig-posthoc-contributions"] = plot_contributions(result)
+    figures["fig-posthoc-factorial"] = factorial.plot_factorial(result.factorial)
+    figures["fig-posthoc-native"] = native.plot_native(result.native_sweep, result.summary, result.config["k"])
+    return figures
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,8 +440,13 @@ def _reduction_verdict(ci, paper_pct: float) -> tuple[str, str]:
     return (REPRODUCED if enough else NOT_REPRODUCED), enough
 
 
-def scorecard_rows(results: dict, scale: str, checkpoint: str) -> list[Row]:
-    """Rows for sae.recon, sae.kl, sae.bimodal, sae.factorial from :func:`to_json`'s dict (or an equivalent)."""
+def scorecard_rows(result: Result) -> list[Row]:
+    """Rows for sae.recon, sae.kl, sae.bimodal, sae.factorial."""
+    return rows_from_record(result.to_json(), result.scale, result.checkpoint)
+
+
+def rows_from_record(results: dict, scale: str, checkpoint: str) -> list[Row]:
+    """The rows of :func:`scorecard_rows` from :meth:`Result.to_json`'s dict (or an equivalent)."""
     c = results["comparisons"]
     n = len(results["config"]["seeds"])
     rows = []

@@ -1,8 +1,8 @@
-"""Hard vs soft sparsity of the recipe matrix (chapter ``08_sparsity_variants``, the forum thread's follow-up).
+"""Chapter 08, Sparsity variants: hard Top-K vs soft gating of the recipe matrix (the forum thread's follow-up).
 
 The vocabularies themselves (Top-K, Relative Mean Gating, learned routing) are in :mod:`reflow_core.vocab`; this
-module measures trained models of each at the same activation rate with the Signal-identity and Semantic
-experiments, tables and plots them, and decides the thread's scorecard row.
+module trains (once per scale, through :mod:`reflow_core.runs`) and measures a model of each at the same activation
+rate with the Signal-identity and Semantic experiments, tables and plots them, and decides the thread's scorecard row.
 """
 
 from __future__ import annotations
@@ -11,11 +11,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reflow_core.chapters import ChapterResult
+from reflow_core.config import get_config
 from reflow_core.experiments import algebra, atlas, galaxy, sparsity
+from reflow_core.runs import ensure_model, load_models
+from reflow_core.scales import get_scale, results_dir_for
 from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Row
 from reflow_core.vocab.gated import active_per_token, measured_rate, routing_divergence
 
+NAME = "sparsity-variants"
 VARIANTS = ("reflow", "reflow-topk", "reflow-rmg", "reflow-routed")
+TAGS = {"reflow": "dense", "reflow-topk": "topk", "reflow-rmg": "rmg", "reflow-routed": "routed"}  # prose keys
 SEMANTIC_STATS = ("three↔four cos", "algebra MRR", "silhouette")
 
 
@@ -66,6 +72,62 @@ def variant_metrics(model, family: str, summary: dict, *, n_perm: int = 200, n_n
     )
 
 
+@dataclass(kw_only=True)
+class Result(ChapterResult):
+    labels: dict  # family -> checkpoint label (first training seed)
+    metrics: dict  # family -> VariantMetrics
+    n_signals: int
+    topk_k: int
+    target_rate: float  # the soft variants' global activation rate
+    n_steps: int
+    tokens_per_step: int
+    seed: int
+
+    def to_json(self) -> dict:
+        return {
+            "checkpoints": self.labels,
+            "metrics": {f: {k: v for k, v in m.__dict__.items() if k != "active_counts"}
+                        for f, m in self.metrics.items()},
+        }
+
+    def prose(self) -> dict[str, object]:
+        p = {"scale": self.scale, "ckpt_label": self.checkpoint, "n_signals": self.n_signals, "topk_k": self.topk_k,
+             "target_rate": f"{self.target_rate:.4f}", "n_steps": self.n_steps,
+             "tokens_per_step": f"{self.tokens_per_step:,}", "seed": self.seed}
+        for f, tag in TAGS.items():
+            m = self.metrics[f]
+            p[f"val_{tag}"] = f"{m.val_loss:.3f}"
+            p[f"rate_{tag}"] = f"{m.rate:.4f}"
+            p[f"active_{tag}"] = f"{m.active_mean:.1f} ± {m.active_sd:.1f}"
+            p[f"cos_{tag}"] = f"{m.three_four:.3f}"
+            p[f"mrr_{tag}"] = f"{m.mrr:.4f}"
+            p[f"hits_{tag}"] = f"{m.paper_hits}/3"
+            p[f"sil_{tag}"] = f"{m.silhouette:+.3f}"
+            p[f"silp_{tag}"] = f"{m.silhouette_p:.3f}"
+            p[f"gini_{tag}"] = f"{m.gini:.3f}"
+            p[f"ms_{tag}"] = f"{m.ms_per_step:.0f}"
+        p["div_routed"] = f"{100 * self.metrics['reflow-routed'].routing_divergence:.1f}%"
+        return p
+
+
+def run(scale: str, results_dir=None, *, families=VARIANTS) -> Result:
+    """Train (once) and measure every variant at the scale's first training seed."""
+    results_dir = results_dir_for(scale, results_dir)
+    spec = get_scale(scale)
+    summaries = {f: ensure_model(scale, f, results_dir) for f in families}
+    models, labels = {}, {}
+    for f in families:
+        ms, ls = load_models(scale, f, results_dir, seeds=spec.seeds[:1])
+        models[f], labels[f] = ms[0], ls[0]
+    cfg = {f: get_config(f"{f}@{spec.size}") for f in families}
+    return Result(
+        scale=scale, checkpoint=", ".join(labels.values()), labels=labels,
+        metrics={f: variant_metrics(models[f], f, summaries[f]) for f in families},
+        n_signals=cfg["reflow"].n_signals, topk_k=cfg["reflow-topk"].topk, target_rate=cfg["reflow-rmg"].target_rate,
+        n_steps=spec.train["max_steps"], tokens_per_step=spec.train["tokens_per_step"], seed=spec.seeds[0],
+    )
+
+
 def variants_table(metrics: dict[str, VariantMetrics]):
     import pandas as pd
 
@@ -105,6 +167,14 @@ def plot_variants(metrics: dict[str, VariantMetrics]):
     fig.suptitle("Hard vs soft sparsity of the recipe matrix, same budget", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def plot(result: Result) -> dict:
+    return {"fig-sparsity-variants-metrics": plot_variants(result.metrics)}
+
+
+def scorecard_rows(result: Result) -> list[Row]:
+    return [soft_sparsity_row(result.metrics, result.scale, result.checkpoint)]
 
 
 def soft_sparsity_row(metrics: dict[str, VariantMetrics], scale: str, checkpoint: str):
