@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from reflow_core.errors import UserError
+from reflow_core.errors import UserError, run_command
 from reflow_core.fileio import read_json, write_json_atomic
 from reflow_core.scales import SCALE_NAMES, find_repo_root, resolve_results_dir, scale_rank
 
@@ -540,15 +540,12 @@ def _stream_notebook_output() -> None:
 
 
 def run_book_cli(args: argparse.Namespace) -> int:
-    """Entry point for the parsed ``book`` sub-command; returns the process exit code."""
+    """Entry point for the parsed ``book`` sub-command; errors and Ctrl-C are reported by its caller
+    (:func:`reflow_core.errors.run_command`: one line, exit code 2 or 130)."""
     _stream_notebook_output()
-    try:
-        run_book(args.scale, execute=args.execute, out_dir=args.out, only=args.only,
-                 results_dir=getattr(args, "results_dir", None), strict=getattr(args, "strict", True),
-                 progress_bar=sys.stderr.isatty())
-    except BookError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    run_book(args.scale, execute=args.execute, out_dir=args.out, only=args.only,
+             results_dir=getattr(args, "results_dir", None), strict=getattr(args, "strict", True),
+             progress_bar=sys.stderr.isatty())
     return 0
 
 
@@ -556,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m reflow_core.book`` works on its own as well."""
     parser = argparse.ArgumentParser(prog="python -m reflow_core.book", description="Execute and build the book.")
     add_book_arguments(parser)
-    return run_book_cli(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_command(lambda: run_book_cli(args))
 
 
 if __name__ == "__main__":

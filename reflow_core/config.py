@@ -286,6 +286,10 @@ class TrainConfig:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"train config {path} is not valid JSON: {e}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"train config {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"train config {path} cannot be read: {e}") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

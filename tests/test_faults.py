@@ -444,6 +444,31 @@ def test_ctrl_c_during_the_book_prints_one_line_and_leaves_no_process(tmp_path):
                 os.kill(p, signal.SIGKILL)
 
 
+def test_ctrl_c_during_training_prints_one_line_and_frees_the_folder(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(tiny_data, out, max_steps=100_000, ckpt_interval=5).to_json(tmp_path / "c.json")
+    proc = subprocess.Popen([sys.executable, "-m", "reflow_core", "train", "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, ENV_PROGRESS: "lines"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run did not reach its first checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "resumes from its last checkpoint" in lines[0], err
+    saved = ckpt_io.read_meta(out)["step"]
+    summary = train(tiny_config(tiny_data, out, max_steps=saved + 1, ckpt_interval=5))  # the folder is free again
+    assert summary["resumed_from"] == saved and summary["steps"] == saved + 1
+
+
 # ======================================================================================================================
 # 10. Wording
 

@@ -101,7 +101,7 @@ def test_cli_set_overrides_are_parsed_with_field_types():
 def test_cli_reports_a_bad_field_without_traceback(capsys, tmp_path):
     code = main(["train", "--preset", "reflow@test", "--out-dir", str(tmp_path), "--set", "lr=-1"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith(ERROR_PREFIX) and "'lr'" in err and "Traceback" not in err
+    assert code == 2 and err.startswith(ERROR_PREFIX) and "'lr'" in err and "Traceback" not in err
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
