@@ -49,6 +49,7 @@ from reflow_core.device import (Dist, all_reduce_sum, autocast_for, peak_flops, 
 from reflow_core.errors import UserError
 from reflow_core.fileio import write_json_atomic
 from reflow_core.model import build_model
+from reflow_core.runlock import RunLock, RunLockedError
 
 # Environment variables read by train() (set by launch(), by torchrun, or by tests).
 ENV_PROGRESS = "REFLOW_PROGRESS"  # "lines": no tqdm bar, one printed line per log step (for piped output)
@@ -221,14 +222,38 @@ def train(config: TrainConfig | dict, **overrides) -> dict:
     device_type = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     with torch_threads(config.threads):
         d = setup_distributed(device_type)
+        lock = None
         try:
+            lock = _lock_out_dir(config, d, device_type)
             run = _setup(config, d)
             _resume(run)
             _train_loop(run)
             return _finish(run)
         finally:
+            if lock is not None:
+                lock.release()
             if d.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _lock_out_dir(config: TrainConfig, d: Dist, device_type: str) -> RunLock | None:
+    """Rank 0 (the only writer) locks out_dir; every rank learns whether it could, so all ranks stop together
+    instead of some waiting forever in a collective for a rank that has quit."""
+    lock, error = None, None
+    if d.master:
+        try:
+            lock = RunLock(config.out_dir).acquire()
+        except UserError as e:
+            error = e
+    if d.enabled:
+        failed = torch.tensor([float(error is not None)],
+                              device=torch.device("cuda", d.local_rank) if device_type == "cuda" else "cpu")
+        all_reduce_sum(failed, d)
+        if failed.item() and error is None:
+            raise RunLockedError(f"rank 0 could not take {config.out_dir} (see its error); rank {d.rank} stops too")
+    if error is not None:
+        raise error
+    return lock
 
 
 @dataclass

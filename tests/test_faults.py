@@ -116,8 +116,8 @@ def test_checkpoint_cleanup_removes_only_dead_runs_temp_dirs(tmp_path):
     """A save in progress belongs to a live process: another process's cleanup must not delete it."""
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        live = tmp_path / f"{ckpt_io.TMP_PREFIX}ckpt-7-{other.pid}"
-        dead = tmp_path / f"{ckpt_io.TMP_PREFIX}ckpt-7-{dead_pid()}"
+        live = tmp_path / f"{ckpt_io.TMP_PREFIX}ckpt-7-pid{other.pid}"
+        dead = tmp_path / f"{ckpt_io.TMP_PREFIX}ckpt-7-pid{dead_pid()}"
         for d in (live, dead):
             d.mkdir()
             (d / "model.safetensors").write_bytes(b"half written")
