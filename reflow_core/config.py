@@ -256,7 +256,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    eval_interval: int = 250  # evaluate val loss every this many steps (0: only at the end)
+    eval_interval: int = 250  # val loss every this many steps (0: only at the end), and at every checkpoint
     eval_batches: int = 20  # micro-batches of fixed validation windows per evaluation
     ckpt_interval: int = 500  # checkpoint every this many steps (0: only at the end)
     log_interval: int = 10  # metrics line (and the only host sync) every this many steps

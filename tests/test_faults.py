@@ -211,8 +211,8 @@ def test_the_guard_trips_on_spikes_zero_gradients_and_dead_streaks_only():
     assert early.check(40, 13.0, 0.5) is None  # during warmup only the absolute ceiling applies
 
     dead = DivergenceGuard(vocab_size=50304, warmup_steps=0)
-    assert [dead.check(s, 10.8258, 1e-9) for s in (1, 2)] == [None, None]
-    assert "dead" in dead.check(3, 10.8258, 1e-9)
+    assert [dead.check(s, 10.8258, 1e-9) for s in (11, 12)] == [None, None]
+    assert "dead" in dead.check(13, 10.8258, 1e-9) and dead.first_bad_step == 11  # the evidence began at step 11
 
 
 # ======================================================================================================================
