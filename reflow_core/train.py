@@ -382,6 +382,8 @@ class _Run:
     t_start: float = 0.0
     train_seconds: float = 0.0  # wall seconds spent in training steps (not eval or checkpoints) this run
     tokens_this_run: int = 0
+    train_s_before: float = 0.0  # the same two totals over the earlier runs this one resumes (from the checkpoint),
+    tokens_timed_before: int = 0  # so that even a zero-step resume reports the run's throughput
     guard: DivergenceGuard | None = None
     last_ckpt_losses: tuple = (None, None)  # (train, val) losses recorded in checkpoint_path
 
@@ -443,6 +445,8 @@ def _resume(run: _Run) -> None:
         ckpt_io.restore_rng_state(meta["rng"])
         run.start_step, run.tokens_seen = meta["step"], meta["tokens_seen"]
         run.wall_before = meta["extra"].get("wall_s", 0.0)
+        run.train_s_before = meta["extra"].get("train_s", 0.0)  # absent in checkpoints from before these totals
+        run.tokens_timed_before = meta["extra"].get("tokens_timed", 0)
         run.guard.history = list(meta["extra"].get("recent_losses", []))[-HISTORY:]
         run.last = {k: meta["extra"].get(k) for k in run.last}
         run.resumed_from, run.checkpoint_path, run.ckpt_step = run.start_step, str(found), run.start_step
@@ -570,7 +574,8 @@ def _checkpoint(run: _Run) -> None:
         _diverged(run, run.step, why, run.last["train_loss"], weights_step=run.step)
     if run.d.master:
         extra = {**run.last, "wall_s": run.wall_s(), "world_size": run.d.world_size, "device": str(run.device),
-                 "dtype": str(run.dtype), "recent_losses": run.guard.history}
+                 "dtype": str(run.dtype), "train_s": run.train_s_before + run.train_seconds,
+                 "tokens_timed": run.tokens_timed_before + run.tokens_this_run, "recent_losses": run.guard.history}
         run.checkpoint_path = str(ckpt_io.save_checkpoint(
             run.out_dir, run.raw_model, run.optimizer, step=run.step, config=run.config, tokens_seen=run.tokens_seen,
             extra=extra))
@@ -633,7 +638,11 @@ def _finish(run: _Run) -> dict:
     if run.d.enabled:
         dist.barrier()
     device = run.device
-    tokens_per_s = run.tokens_this_run / run.train_seconds if run.train_seconds > 0 else None
+    # Throughput over every run that made this model (this one and those it resumed), from the totals stored in the
+    # checkpoint: a resume with no step left to run still reports the run's tokens/s instead of null.
+    train_s = run.train_s_before + run.train_seconds
+    tokens_timed = run.tokens_timed_before + run.tokens_this_run
+    tokens_per_s = tokens_timed / train_s if train_s > 0 else None
     summary = {
         "model": run.config.model,
         "num_params": run.raw_model.num_params(),
@@ -645,7 +654,9 @@ def _finish(run: _Run) -> dict:
         "tokens_per_step": run.tokens_per_step,
         "wall_s": run.wall_s(),
         "wall_s_this_run": time.perf_counter() - run.t_start,
+        "train_s": train_s,
         "tokens_per_s": tokens_per_s,
+        "tokens_per_s_this_run": run.tokens_this_run / run.train_seconds if run.train_seconds > 0 else None,
         "mfu": _mfu(run, tokens_per_s),
         "flops_per_token": run.raw_model.flops_per_token(run.seq_len),
         "peak_flops_per_device": peak_flops(device, run.dtype),
@@ -664,6 +675,7 @@ def _finish(run: _Run) -> dict:
         write_json_atomic(run.out_dir / "summary.json", summary)
         print(f"done {run.config.model}: step {run.step} | train loss {_fmt(summary['final_train_loss'])} | val loss "
               f"{_fmt(summary['final_val_loss'])} | "
-              + (f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "no steps run")
+              + (f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "no step timed")
+              + (" | nothing left to train" if run.step == run.start_step else "")
               + (f" | mfu {100 * summary['mfu']:.1f}%" if summary["mfu"] else ""), flush=True)
     return summary

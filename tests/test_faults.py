@@ -227,7 +227,7 @@ def test_a_zero_step_resume_reports_the_original_runs_throughput(tiny_data, tmp_
     again = train(config)
     assert again["steps_this_run"] == 0 and again["steps"] == 6
     assert again["tokens_per_s"] is not None and again["tokens_per_s"] == pytest.approx(first["tokens_per_s"])
-    assert again["train_s"] == pytest.approx(first["train_s"]) and again["wall_s"] >= first["wall_s"]
+    assert again["train_s"] == pytest.approx(first["train_s"]) and again["tokens"] == first["tokens"]
     assert round(again["tokens_per_s"]) > 0  # what chapter 02 does with it
 
 
