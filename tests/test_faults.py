@@ -311,7 +311,7 @@ def _manifest_dir(root: Path, name: str, manifest) -> Path:
 @pytest.mark.parametrize("case", [
     "manifest-without-splits", "manifest-is-a-list", "empty-corpus", "unknown-source", "missing-config",
     "out-dir-is-a-file", "prepare-out-is-a-file", "sample-cuda-on-cpu", "sample-negative-max-new-tokens",
-    "sample-negative-temperature",
+    "sample-negative-temperature", "openwebtext-offline",
 ])
 def test_user_errors_are_one_line_messages_with_exit_code_2(case, tiny_data, tmp_path):
     a_file = tmp_path / "a-file"
@@ -337,11 +337,13 @@ def test_user_errors_are_one_line_messages_with_exit_code_2(case, tiny_data, tmp
                                                    ["--max-new-tokens"]),
         "sample-negative-temperature": lambda: (["sample", no_ckpt, "--temperature", "-1"],
                                                 ["--temperature", "greedy"]),
+        "openwebtext-offline": lambda: (["prepare", "--source", "openwebtext", "--out", tmp_path / "o"],
+                                        ["OpenWebText", "--openwebtext-path"]),
     }
     if case == "sample-cuda-on-cpu" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     args, needles = cases[case]()
-    assert_user_error(cli(*args), *needles)
+    assert_user_error(cli(*args, env={"HF_HUB_OFFLINE": "1"}), *needles)  # never the 54 GB download
 
 
 def test_sample_refuses_a_negative_temperature_in_python_too():
