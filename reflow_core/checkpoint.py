@@ -342,12 +342,16 @@ def find_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint directory for ``path``: itself if it holds meta.json, else ``ckpt/``, else ``ckpt.old/``
     (what a crash between the two renames of a save leaves).  None if there is none.
 
-    A present-but-corrupt ``ckpt/`` is returned (and refused by the loader), never silently skipped for an older one.
+    A present-but-corrupt ``ckpt/`` is returned (and refused by the loader), never silently skipped for an older one;
+    so is ``path`` itself when it looks like a checkpoint folder (weights in it, or named ``ckpt``) but lacks
+    meta.json: the loader then says it is incomplete rather than that there is no checkpoint.
     """
     path = Path(path)
     if path.is_file():
         path = path.parent
     if (path / META_FILE).is_file():
+        return path
+    if path.is_dir() and ((path / MODEL_FILE).exists() or path.name in (CKPT_DIR, OLD_DIR)):
         return path
     if (path / CKPT_DIR).is_dir():
         return path / CKPT_DIR
