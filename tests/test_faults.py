@@ -319,7 +319,8 @@ def test_user_errors_are_one_line_messages_with_exit_code_2(case, tiny_data, tmp
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory\n")
     no_ckpt = tmp_path / "no-such-run"  # the argument checks must come before the checkpoint is even looked at
-    train = ["train", "--preset", "reflow@test", "--set", "max_steps=1", "--set", "warmup_steps=0", "--set", "threads=1"]
+    train = ["train", "--preset", "reflow@test", "--set", "max_steps=1", "--set", "warmup_steps=0",
+             "--set", "threads=1"]
     cases = {
         "manifest-without-splits": lambda: (train + ["--data-dir", _manifest_dir(tmp_path, "d", {"format_version": 1}),
                                                      "--out-dir", tmp_path / "o"], ["splits", "prepare"]),
