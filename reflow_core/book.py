@@ -12,6 +12,10 @@ Why it is shaped this way (see ``DESIGN.md``, "Results of record" and "The book"
 * **The HTML is built from a staging copy** (config, TOC, prose pages, executed notebooks, that scale's figures),
   so the source notebooks in ``notebooks/`` stay clean (no outputs in git) and the build cannot see results of a
   different scale.
+* **A failed chapter never replaces a good one.** A chapter executes into a temporary file that replaces the stored
+  copy only on success; a failure is kept beside it as ``<chapter>.failed.ipynb`` and recorded in ``RUN.json``,
+  and staging refuses a chapter recorded as failed (``--no-strict`` publishes the earlier copy under a warning).
+  Ctrl-C stops the kernel and every process it started, and leaves the stored copy as it was.
 
 Nothing heavy is imported at module level: ``python -m reflow_core --help`` stays fast, and papermill is only
 needed when notebooks are executed.
@@ -20,22 +24,26 @@ needed when notebooks are executed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from reflow_core.errors import UserError
+from reflow_core.errors import UserError, run_command
 from reflow_core.fileio import read_json, write_json_atomic
 from reflow_core.scales import SCALE_NAMES, find_repo_root, resolve_results_dir, scale_rank
 
 RECORD_FILE = "RECORD.json"
 RUN_FILE = "RUN.json"
+FAILED_SUFFIX = ".failed.ipynb"  # <chapter>.failed.ipynb: the last failed execution, with its traceback
 _FIGURE_SUFFIXES = (".png", ".svg")
 
 
@@ -46,14 +54,23 @@ class BookError(UserError, RuntimeError):
 class NotebookExecutionError(BookError):
     """A chapter notebook raised while papermill executed it.
 
-    ``notebook`` is the chapter's name (file stem), ``executed_path`` the partially executed copy (it shows the
-    failing cell and its traceback), ``__cause__`` papermill's ``PapermillExecutionError``.
+    ``notebook`` is the chapter's name (file stem), ``executed_path`` the failed copy ``<chapter>.failed.ipynb``
+    (it shows the failing cell and its traceback), ``__cause__`` papermill's ``PapermillExecutionError``.  The
+    stored ``<chapter>.ipynb`` of an earlier success is left as it was.
     """
 
     def __init__(self, message: str, *, notebook: str, executed_path: Path):
         super().__init__(message)
         self.notebook = notebook
         self.executed_path = executed_path
+
+
+class ChapterInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a chapter executed; its kernel and every process below it were stopped, nothing was stored.
+
+    A KeyboardInterrupt still (code that stops on Ctrl-C keeps stopping), whose message is the one line the command
+    line prints.
+    """
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,9 +188,14 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
 
     ``RUN.json`` holds the scale, start date, device, git commit (``-dirty`` if tracked files changed), and per
     chapter its status and wall seconds; ``run_seconds`` is this invocation's wall time, ``total_seconds`` the sum
-    over every stored chapter. On a failing cell, ``RUN.json`` is written with what ran so far (the failed chapter
-    marked ``"failed"``) and a :class:`NotebookExecutionError` naming the chapter and the executed copy (which shows
-    the traceback) is raised.
+    over every stored chapter.
+
+    A chapter executes into a temporary file that replaces ``<stem>.ipynb`` only when every cell ran. On a failing
+    cell (or a dead kernel) the partial copy is kept as ``<stem>.failed.ipynb``, the stored copy of an earlier
+    success stays untouched, ``RUN.json`` is written with what ran so far (the failed chapter marked ``"failed"``,
+    with ``last_ok``, the entry of the copy that is still stored) and a :class:`NotebookExecutionError` naming the
+    chapter and the failed copy is raised. Ctrl-C stops the kernel and everything below it and raises
+    :class:`ChapterInterrupted`; ``RUN.json`` then keeps the interrupted chapter's previous entry.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -211,24 +233,44 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
     try:
         for src in chosen:
             dst = out_dir / f"{src.stem}.ipynb"
+            failed_copy = out_dir / f"{src.stem}{FAILED_SUFFIX}"
+            running = out_dir / f".{src.stem}.running-{os.getpid()}.ipynb"  # becomes dst only if every cell ran
             params = {"scale": scale, "results_dir": _repo_relative(results, repo_root), **(parameters or {})}
             print(f"[book] {scale}: executing {src.relative_to(repo_root)} -> {dst}", flush=True)
             t0 = time.perf_counter()
             try:
-                papermill.execute_notebook(
-                    str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(src.parent),
-                    progress_bar=progress_bar, log_output=log_output,
-                )
-            except PapermillExecutionError as exc:
-                seconds = round(time.perf_counter() - t0, 2)
-                record["notebooks"][src.stem] = {"status": "failed", "seconds": seconds, "finished": _now(),
-                                                 "error": f"{exc.ename}: {exc.evalue}", "cell": exc.exec_count}
+                with _stop_everything_on_ctrl_c(src.stem, scale):
+                    papermill.execute_notebook(
+                        str(src), str(running), parameters=params, kernel_name="python3", cwd=str(src.parent),
+                        progress_bar=progress_bar, log_output=log_output,
+                    )
+            except Exception as exc:  # a failing cell (PapermillExecutionError), a dead kernel, a cell timeout
+                if running.exists():
+                    os.replace(running, failed_copy)
+                if isinstance(exc, PapermillExecutionError):
+                    error, where = f"{exc.ename}: {exc.evalue}", f" in cell [{exc.exec_count}]"
+                else:
+                    error, where = f"{type(exc).__name__}: {exc}", ""
+                before = kept.get(src.stem) or {}
+                last_ok = before if before.get("status") == "ok" else before.get("last_ok")
+                record["notebooks"][src.stem] = {
+                    "status": "failed", "seconds": round(time.perf_counter() - t0, 2), "finished": _now(),
+                    "error": error, "cell": getattr(exc, "exec_count", None), "failed_copy": failed_copy.name,
+                    # the entry of the copy that is still stored, if any: what --no-strict would publish
+                    "last_ok": last_ok if dst.is_file() else None,
+                }
                 finish()
+                kept_note = f"\n  the earlier good copy is kept: {dst}" if dst.is_file() else ""
                 raise NotebookExecutionError(
-                    f"notebook {src.stem!r} failed at scale {scale!r} in cell [{exc.exec_count}]: "
-                    f"{exc.ename}: {exc.evalue}\n  executed copy with the traceback: {dst}\n  run record: {run_path}",
-                    notebook=src.stem, executed_path=dst,
+                    f"notebook {src.stem!r} failed at scale {scale!r}{where}: {error}\n  failed copy with the "
+                    f"traceback: {failed_copy}{kept_note}\n  run record: {run_path}",
+                    notebook=src.stem, executed_path=failed_copy,
                 ) from exc
+            except BaseException:  # Ctrl-C (ChapterInterrupted): nothing of this execution is stored
+                running.unlink(missing_ok=True)
+                raise
+            os.replace(running, dst)
+            failed_copy.unlink(missing_ok=True)  # the chapter is fixed: its old failure no longer describes it
             seconds = round(time.perf_counter() - t0, 2)
             record["notebooks"][src.stem] = {"status": "ok", "seconds": seconds, "finished": _now()}
             print(f"[book] {scale}: {src.stem} done in {seconds:.1f} s", flush=True)
@@ -240,6 +282,100 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
             os.environ["PYTHONPATH"] = env_backup
     finish()
     return record
+
+
+@contextlib.contextmanager
+def _stop_everything_on_ctrl_c(chapter: str, scale: str):
+    """Turn Ctrl-C during a chapter into one :class:`ChapterInterrupted`, leaving no process behind.
+
+    Left to itself, the interrupt unwinds through papermill, whose clean-up shuts the kernel down: the kernel prints
+    tracebacks on the way, and whatever it had started (a training run under torchrun lives in its own session) is
+    orphaned and can no longer be found below this process. So the SIGINT handler first kills every process the
+    chapter started below this one, parents first, and only then lets the interrupt unwind. SIGKILL is enough:
+    every file a run writes survives it (atomic checkpoints and preparations, metrics trimmed on resume), and a
+    rerun resumes training from the checkpoints it stored. Processes that were there before the chapter (when the
+    book runs inside a larger program) are not the chapter's to stop.
+    """
+    main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.getsignal(signal.SIGINT)
+    earlier = set(_descendants(os.getpid()))
+
+    def kill_the_chapters_processes():
+        _kill_all([p for p in _descendants(os.getpid()) if p not in earlier])
+
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        kill_the_chapters_processes()
+        raise KeyboardInterrupt
+
+    if main:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except KeyboardInterrupt:
+        kill_the_chapters_processes()  # anything started while the handler ran (or a Ctrl-C it did not see)
+        raise ChapterInterrupted(
+            f"chapter {chapter} (scale {scale}) was interrupted; its stored copy is unchanged and the kernel and "
+            f"the processes it started were stopped. A rerun resumes from the checkpoints training stored"
+        ) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, parents before their children: from /proc, or psutil where there is none."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            import psutil
+        except ImportError:
+            return []
+        try:
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a killed child waiting to be reaped counts as stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        if Path("/proc/self/stat").is_file():
+            return False  # Linux: no entry, no process
+    try:  # elsewhere, existence is all we can tell
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _kill_all(pids: Sequence[int], wait_s: float = 5.0) -> None:
+    """SIGKILL every process in ``pids`` in order (parents first, so none starts a new child meanwhile) and wait
+    until they are gone."""
+    alive = [p for p in dict.fromkeys(pids) if p != os.getpid()]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.02)
 
 
 def _repo_relative(path: Path, repo_root: Path) -> str:
@@ -317,7 +453,8 @@ def promote_figures(scale: str, *, repo_root: str | os.PathLike, results_dir: st
 
 
 def stage_book(scale: str, *, repo_root: str | os.PathLike, stage_dir: str | os.PathLike,
-               results_dir: str | os.PathLike | None = None, allow_missing: bool = False) -> Path:
+               results_dir: str | os.PathLike | None = None, allow_missing: bool = False,
+               allow_failed: bool = False) -> Path:
     """Assemble a buildable book from stored results at ``scale`` in ``stage_dir`` (emptied first); return it.
 
     The stage holds ``_config.yml``, ``_toc.yml``, ``book/`` (prose, bibliography, static assets), each TOC
@@ -326,6 +463,10 @@ def stage_book(scale: str, *, repo_root: str | os.PathLike, stage_dir: str | os.
     copy is an error, unless ``allow_missing``: then that chapter is left out of the staged ``_toc.yml`` (with a
     warning). Staging it unexecuted instead would fail the strict build on its missing glue keys, and a chapter
     without its numbers is not worth showing.
+
+    A chapter that ``RUN.json`` records as failed in its last execution is an error too: its stored copy (if any)
+    is from an earlier run and would be published as if it were current. With ``allow_failed`` that earlier copy is
+    staged under a warning that says so (and a failed chapter with no earlier copy counts as missing).
     """
     scale_rank(scale)
     repo_root = Path(repo_root).resolve()
@@ -334,6 +475,21 @@ def stage_book(scale: str, *, repo_root: str | os.PathLike, stage_dir: str | os.
     if stage == repo_root or repo_root.is_relative_to(stage):
         raise BookError(f"refusing to stage into {stage}: it contains the repository")
     notebooks = toc_notebooks(repo_root)
+    run = read_json(results / RUN_FILE, {})
+    entries = run.get("notebooks", {}) if run.get("scale") == scale else {}
+    failed = {src.stem: entries[src.stem] for src in notebooks
+              if isinstance(entries.get(src.stem), dict) and entries[src.stem].get("status") == "failed"}
+    if failed and not allow_failed:
+        names = " ".join(failed)
+        raise BookError(
+            f"chapter(s) failed in their last run at scale {scale!r}:\n"
+            + "".join(f"  {stem}: {e.get('error')} (traceback in "
+                      f"{results / 'notebooks' / (e.get('failed_copy') or stem + FAILED_SUFFIX)})\n"
+                      for stem, e in failed.items())
+            + f"  A build would show their earlier copies as if they were current. Fix them and rerun\n"
+            f"  `python -m reflow_core book --scale {scale} --only {names}`, or build with --no-strict to publish the\n"
+            f"  earlier copies marked as failed."
+        )
     missing = [src for src in notebooks if not (results / "notebooks" / f"{src.stem}.ipynb").is_file()]
     if missing and not allow_missing:
         raise BookError(
@@ -353,7 +509,10 @@ def stage_book(scale: str, *, repo_root: str | os.PathLike, stage_dir: str | os.
             continue
         target = stage / src.relative_to(repo_root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _stage_notebook(results / "notebooks" / f"{src.stem}.ipynb", target)
+        warning = _failed_warning(scale, failed[src.stem]) if src.stem in failed else None
+        if warning:
+            print(f"[book] warning: {src.stem} failed in its last run; staging its earlier copy, marked", flush=True)
+        _stage_notebook(results / "notebooks" / f"{src.stem}.ipynb", target, warning=warning)
     if missing:
         _write_pruned_toc(repo_root, stage, {p.relative_to(repo_root).with_suffix("").as_posix() for p in missing})
         for src in missing:
@@ -407,18 +566,31 @@ PARAMETER_CELL_TAGS = ("parameters", "injected-parameters")
 _SHOW_HIDE_TAGS = {"hide-cell", "hide-input", "hide-output", "remove-cell", "remove-input", "remove-output"}
 
 
-def _stage_notebook(executed: Path, target: Path) -> None:
+def _failed_warning(scale: str, entry: dict) -> str:
+    last_ok = entry.get("last_ok") or {}
+    return (f"```{{warning}}\nThis chapter **failed** when it was last executed at scale `{scale}` "
+            f"({entry.get('finished', '?')}): `{entry.get('error')}`. What follows is the earlier copy, executed "
+            f"{last_ok.get('finished', 'at an earlier date')}; its numbers may not match the other chapters.\n```\n")
+
+
+def _stage_notebook(executed: Path, target: Path, *, warning: str | None = None) -> None:
     """Copy an executed notebook into the stage, folding its parameter cells (tag ``hide-cell``).
 
     The parameter cells are plumbing (and the injected one prints an absolute, machine-specific results path);
     folded, a reader can still open them to see the scale a chapter ran at. Cells that already carry a
     hide/remove tag are left as their author tagged them. The stored notebook itself is not modified.
+    ``warning`` (markdown) goes right under the chapter's title, where no reader can miss it.
     """
     nb = json.loads(executed.read_text(encoding="utf8"))
     for cell in nb.get("cells", []):
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         if any(t in PARAMETER_CELL_TAGS for t in tags) and not _SHOW_HIDE_TAGS.intersection(tags):
             tags.append("hide-cell")
+    if warning:
+        cells = nb.setdefault("cells", [])
+        first = cells[0] if cells else {}
+        titled = first.get("cell_type") == "markdown" and "".join(first.get("source", "")).lstrip().startswith("#")
+        cells.insert(1 if titled else 0, {"cell_type": "markdown", "metadata": {}, "source": warning})
     target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf8")
 
 
@@ -472,6 +644,7 @@ def run_book(scale: str = "smoke", *, execute: bool = True, repo_root: str | os.
     """Execute (optionally), promote figures, stage and build the book at ``scale``; return ``index.html``.
 
     ``execute=False`` rebuilds from the notebooks stored in ``results/<scale>/notebooks`` (no kernel, no training).
+    ``strict=False`` also lets a chapter whose last run failed be published as its earlier copy, under a warning.
     ``only`` executes just those chapters; the rest of the book is built from whatever is stored for the scale.
     The HTML lands in ``<out_dir>/_build/html`` (``out_dir`` defaults to the repository root).
     """
@@ -497,7 +670,8 @@ def run_book(scale: str = "smoke", *, execute: bool = True, repo_root: str | os.
 
     t0 = time.perf_counter()
     stage = out / "_build" / "stage"
-    stage_book(scale, repo_root=root, stage_dir=stage, results_dir=results, allow_missing=bool(only))
+    stage_book(scale, repo_root=root, stage_dir=stage, results_dir=results, allow_missing=bool(only),
+               allow_failed=not strict)
     index = build_html(stage, out, strict=strict)
     times["build"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
@@ -519,7 +693,8 @@ def add_book_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--results-dir", metavar="DIR", default=None,
                         help="results folder for this scale (default: results/<scale>)")
     parser.add_argument("--no-strict", dest="strict", action="store_false",
-                        help="do not turn Sphinx warnings into errors")
+                        help="do not turn Sphinx warnings into errors; publish a chapter whose last run failed as "
+                             "its earlier copy, under a warning")
     return parser
 
 
@@ -540,15 +715,12 @@ def _stream_notebook_output() -> None:
 
 
 def run_book_cli(args: argparse.Namespace) -> int:
-    """Entry point for the parsed ``book`` sub-command; returns the process exit code."""
+    """Entry point for the parsed ``book`` sub-command; errors and Ctrl-C are reported by its caller
+    (:func:`reflow_core.errors.run_command`: one line, exit code 2 or 130)."""
     _stream_notebook_output()
-    try:
-        run_book(args.scale, execute=args.execute, out_dir=args.out, only=args.only,
-                 results_dir=getattr(args, "results_dir", None), strict=getattr(args, "strict", True),
-                 progress_bar=sys.stderr.isatty())
-    except BookError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    run_book(args.scale, execute=args.execute, out_dir=args.out, only=args.only,
+             results_dir=getattr(args, "results_dir", None), strict=getattr(args, "strict", True),
+             progress_bar=sys.stderr.isatty())
     return 0
 
 
@@ -556,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m reflow_core.book`` works on its own as well."""
     parser = argparse.ArgumentParser(prog="python -m reflow_core.book", description="Execute and build the book.")
     add_book_arguments(parser)
-    return run_book_cli(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_command(lambda: run_book_cli(args))
 
 
 if __name__ == "__main__":

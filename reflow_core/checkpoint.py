@@ -11,9 +11,12 @@ A checkpoint is a directory::
 Why not ``torch.save``: a pickle can run arbitrary code when loaded, and checkpoints travel (between machines, from
 GPU runs to laptops, from strangers).  safetensors only ever parses a JSON header and raw bytes.
 
-Atomicity: a run writes ``<out_dir>/.tmp-<step>/``, fsyncs it, and swaps it in for ``<out_dir>/ckpt/`` by renames
-(``ckpt`` → ``ckpt.old``, tmp → ``ckpt``, delete ``ckpt.old``).  A crash at any point leaves either ``ckpt/`` or
-``ckpt.old/`` complete, and :func:`find_checkpoint` picks whichever is there, so the last good checkpoint survives.
+Atomicity: a run writes ``<out_dir>/.tmp-<name>-<step>-pid<pid>/``, fsyncs it, and swaps it in for ``<out_dir>/ckpt/``
+by renames (``ckpt`` → ``ckpt.old``, tmp → ``ckpt``, delete ``ckpt.old``).  A crash at any point leaves either
+``ckpt/`` or ``ckpt.old/`` complete, and :func:`find_checkpoint` picks whichever is there, so the last good
+checkpoint survives.  A temporary folder is removed by a later save only once the PID in its name is dead: it may
+be a live process's save in progress (a run's folder is locked against a second run, but any process can call
+:func:`save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from reflow_core.errors import UserError
-from reflow_core.fileio import sha256_file, write_json_atomic
+from reflow_core.fileio import pid_alive, sha256_file, write_json_atomic
 
 FORMAT = "reflow-checkpoint"
 FORMAT_VERSION = 1
 CKPT_DIR = "ckpt"
 OLD_DIR = "ckpt.old"
 TMP_PREFIX = ".tmp-"
+TMP_PID = "-pid"  # .tmp-<name>-<step>-pid<pid>: whose save in progress it is
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
@@ -98,6 +102,18 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _remove_dead_temporaries(out_dir: Path) -> None:
+    """Delete the ``.tmp-*`` folders of saves that died half-way; a live writer's (its PID runs) are left alone.
+
+    Folders without ``-pid<N>`` come from versions that did not record the writer and are taken as dead.
+    """
+    for tmp in out_dir.glob(f"{TMP_PREFIX}*"):
+        _, marked, pid = tmp.name.rpartition(TMP_PID)
+        if marked and pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _b64(t: torch.Tensor | np.ndarray | bytes) -> str:
@@ -270,9 +286,8 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = unwrap_model(model)
-    for stale in out_dir.glob(f"{TMP_PREFIX}*"):  # left by a run that died while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir / f"{TMP_PREFIX}{name}-{step}"
+    _remove_dead_temporaries(out_dir)
+    tmp = out_dir / f"{TMP_PREFIX}{name}-{step}{TMP_PID}{os.getpid()}"
     tmp.mkdir()
 
     weights, aliases = _dedupe_shared(raw.state_dict())
@@ -327,12 +342,16 @@ def find_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint directory for ``path``: itself if it holds meta.json, else ``ckpt/``, else ``ckpt.old/``
     (what a crash between the two renames of a save leaves).  None if there is none.
 
-    A present-but-corrupt ``ckpt/`` is returned (and refused by the loader), never silently skipped for an older one.
+    A present-but-corrupt ``ckpt/`` is returned (and refused by the loader), never silently skipped for an older one;
+    so is ``path`` itself when it looks like a checkpoint folder (weights in it, or named ``ckpt``) but lacks
+    meta.json: the loader then says it is incomplete rather than that there is no checkpoint.
     """
     path = Path(path)
     if path.is_file():
         path = path.parent
     if (path / META_FILE).is_file():
+        return path
+    if path.is_dir() and ((path / MODEL_FILE).exists() or path.name in (CKPT_DIR, OLD_DIR)):
         return path
     if (path / CKPT_DIR).is_dir():
         return path / CKPT_DIR

@@ -1,8 +1,10 @@
 """Command line: ``python -m reflow_core {params,prepare,train,sample,inspect,book,bench} ...``.
 
-Errors a user can fix (bad config, missing data, divergence, corrupt checkpoint) are printed as
-``reflow_core: error: <message>`` lines with no traceback; :func:`reflow_core.launch.launch` looks for that prefix to
-put the child's own explanation at the top of its LaunchError.  Anything else keeps its traceback.
+Errors a user can fix (bad config, missing data, divergence, corrupt checkpoint, a busy run folder: every
+:class:`~reflow_core.errors.UserError`) are printed as ``reflow_core: error: <message>`` with no traceback and exit
+code 2; :func:`reflow_core.launch.launch` looks for that prefix to put the child's own explanation at the top of its
+LaunchError.  Anything else is a bug: it keeps its traceback and exits 1.  Ctrl-C prints one line saying what was
+interrupted and exits 130 (128 + SIGINT, what a shell reports for it).
 """
 
 from __future__ import annotations
@@ -10,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import traceback
 from pathlib import Path
 
 from reflow_core.config import TrainConfig, train_field_types, type_name
-from reflow_core.errors import ERROR_PREFIX, UserError
+from reflow_core.errors import run_command
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,13 +34,6 @@ def run_params_cli(args: argparse.Namespace) -> None:
     if args.breakdown:
         for part, n in parameter_breakdown(model).items():
             print(f"  {part:<11} {n:>13,}")
-
-
-def report_error(error: BaseException, *, with_traceback: bool = False) -> None:
-    if with_traceback:
-        traceback.print_exc()
-    for line in f"{type(error).__name__}: {error}".splitlines() or [type(error).__name__]:
-        print(ERROR_PREFIX + line, file=sys.stderr, flush=True)
 
 
 def _train_fields_help() -> str:
@@ -73,7 +66,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train_cli(args: argparse.Namespace) -> dict:
     from reflow_core.train import train
 
-    summary = train(config_from_args(args))
+    config = config_from_args(args)
+    try:
+        summary = train(config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"training in {config.out_dir} was interrupted; a rerun resumes from its last "
+                                "checkpoint") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print("summary: " + json.dumps(summary), flush=True)
     return summary
@@ -106,17 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = args.func(args)
-    except UserError as e:
-        report_error(e)
-        return 1
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - anything unexpected: keep the traceback, but also the marked line
-        report_error(e, with_traceback=True)
-        return 1
-    return result if isinstance(result, int) else 0  # sub-commands that return a status code keep it
+    return run_command(lambda: args.func(args))  # exit codes and messages: reflow_core.errors
 
 
 if __name__ == "__main__":

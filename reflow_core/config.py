@@ -256,7 +256,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    eval_interval: int = 250  # evaluate val loss every this many steps (0: only at the end)
+    eval_interval: int = 250  # val loss every this many steps (0: only at the end), and at every checkpoint
     eval_batches: int = 20  # micro-batches of fixed validation windows per evaluation
     ckpt_interval: int = 500  # checkpoint every this many steps (0: only at the end)
     log_interval: int = 10  # metrics line (and the only host sync) every this many steps
@@ -286,6 +286,10 @@ class TrainConfig:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"train config {path} is not valid JSON: {e}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"train config {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"train config {path} cannot be read: {e}") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

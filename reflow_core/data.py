@@ -44,13 +44,16 @@ split under its train split's unigram distribution, the loss a model that learne
 Splits are by document (a document never straddles train and val), seeded, through datasets'
 Dataset.train_test_split, so a split is reproducible from (source, val_fraction, seed) alone.
 A preparation is written in a temporary directory beside `out` and renamed into place at the end, with the manifest
-written last: a preparation that crashes half-way leaves nothing at `out` that `load_tokens` would accept.
+written last: a preparation that crashes half-way leaves nothing at `out` that `load_tokens` would accept.  The
+temporary directory is named `.<out>.preparing-<pid>-*`, so that the next preparation of the same `out` can remove
+what a killed one left behind (its PID is dead) without touching one that is still running.
 """
 
 from __future__ import annotations
 
 import argparse
 import bz2
+import codecs
 import glob
 import gzip
 import html
@@ -74,8 +77,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from reflow_core.errors import UserError
-from reflow_core.fileio import sha256_file
+from reflow_core.errors import InvalidArgumentError, UserError
+from reflow_core.fileio import pid_alive, sha256_file, tree_bytes
 from reflow_core.tokenizer import ASSETS_DIR, ENCODING_NAME, EOT_TOKEN, RANK_FILE_SHA256, VOCAB_SIZE, get_encoding
 
 # --- prepared-data format ---------------------------------------------------------------------------------------------
@@ -84,6 +87,7 @@ TOKEN_DTYPE = np.uint16  # GPT-2 ids are < 50257 < 2**16, so two bytes per token
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 PREPARED_FILES = frozenset({"train.bin", "val.bin", MANIFEST_NAME})
+SPLIT_FIELDS = frozenset({"file", "bytes", "tokens", "sha256"})  # what load_tokens reads of manifest["splits"][split]
 HASH_VERIFY_MAX_BYTES = 100 * 2**20  # load_tokens hashes files up to this size by default (~0.3 s), else checks size
 
 # --- splitting and tokenising -----------------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ WORDNET_GLOSSES_PER_DOC = 20  # consecutive synsets (same lexicographer file) gr
 GCIDE_ENTRIES_PER_DOC = 16  # consecutive (alphabetical) dictionary entries grouped into one document
 MOD2IMP = "mod2imp"  # libsword-utils: exports a SWORD module as text, one `$$$key` line before each entry
 
-SOURCES = ("tiny", "wiki-offline", "smoke-mix", "small-mix", "openwebtext", "local:<path-or-glob>")
+NAMED_SOURCES = ("tiny", "wiki-offline", "smoke-mix", "small-mix", "openwebtext")
+SOURCES = (*NAMED_SOURCES, "local:<path-or-glob>")
 PREPARE_COMMAND = "python -m reflow_core prepare --source {source} --out {out}"
 
 
@@ -182,6 +187,15 @@ class DatasetIntegrityError(UserError, ValueError):
 
 class CorpusNotFoundError(UserError, FileNotFoundError):
     """The text a source needs is not on this machine."""
+
+
+class CorpusError(UserError, ValueError):
+    """A source's text cannot be used as it is: not UTF-8, an unsupported file type, no 'text' field, too few
+    documents."""
+
+
+class OutputNotReplaceableError(UserError, FileExistsError):
+    """`out` is a file, or a folder holding something other than a prepared dataset."""
 
 
 @dataclass
@@ -280,8 +294,38 @@ def local_files(pattern: str) -> list[Path]:
         raise CorpusNotFoundError(f"local source {pattern!r} matches no file")
     bad = [str(f) for f in files if f.suffix not in (".txt", ".json", ".jsonl")]
     if bad:
-        raise ValueError(f"local source {pattern!r}: unsupported file type(s) {bad[:5]}; use .txt, .json or .jsonl")
+        raise CorpusError(f"local source {pattern!r}: unsupported file type(s) {bad[:5]}; use .txt, .json or .jsonl")
     return files
+
+
+def check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 text, naming it and its first bad byte.
+
+    datasets would fail on it deep inside its builder with an error that names neither the file nor the encoding.
+    A NUL byte is refused too: it is valid UTF-8, but only binary files and UTF-16 text contain it.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before `chunk`
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk's end
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:  # e.start counts from the pending bytes, which precede `chunk`
+                bad, value, why = offset - pending + e.start, e.object[e.start], e.reason
+                break
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                bad, value, why = offset + nul, 0, "a NUL byte: a binary file, or UTF-16 text"
+                break
+            if not chunk:
+                return
+            offset += len(chunk)
+    raise CorpusError(
+        f"{path} is not UTF-8 text: byte {bad} is 0x{value:02x} ({why}). Convert it first, e.g. "
+        f"`iconv -f LATIN1 -t UTF-8 {path} > {path.with_suffix('.utf8' + path.suffix)}` (`file -i` guesses the "
+        "encoding), or leave binary files out of the source")
 
 
 def load_local(pattern: str, *, text_unit: str = "paragraph", cache_dir: str | None = None):
@@ -290,8 +334,10 @@ def load_local(pattern: str, *, text_unit: str = "paragraph", cache_dir: str | N
     import datasets
 
     if text_unit not in TEXT_UNITS:
-        raise ValueError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
+        raise InvalidArgumentError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
     files = local_files(pattern)
+    for f in files:
+        check_utf8(f)
     parts = []
     txt = [str(f) for f in files if f.suffix == ".txt"]
     if txt:
@@ -303,7 +349,7 @@ def load_local(pattern: str, *, text_unit: str = "paragraph", cache_dir: str | N
     if js:
         ds = datasets.load_dataset("json", data_files=js, split="train", cache_dir=cache_dir)
         if "text" not in ds.column_names:
-            raise ValueError(f"local JSON source {pattern!r} has no 'text' field (fields: {ds.column_names})")
+            raise CorpusError(f"local JSON source {pattern!r} has no 'text' field (fields: {ds.column_names})")
         parts.append(ds.select_columns(["text"]))
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     detail = {"pattern": pattern, "text_unit": text_unit, "files": [_file_record(f) for f in files]}
@@ -336,19 +382,25 @@ def load_openwebtext(*, num_proc: int = 1, openwebtext_path: str | Path | None =
         detail = {"dataset": OPENWEBTEXT_HUB_ID, "local_copy": str(openwebtext_path), "files": len(files)}
     else:
         try:
-            ds = datasets.load_dataset(OPENWEBTEXT_HUB_ID, num_proc=num_proc)
-            detail = {"dataset": OPENWEBTEXT_HUB_ID}
-        except RuntimeError as e:
-            if "scripts are no longer supported" not in str(e):
-                raise
-            print(f"note: {OPENWEBTEXT_HUB_ID} has a loading script that datasets {datasets.__version__} refuses; "
-                  f"using its parquet export ({OPENWEBTEXT_PARQUET_REVISION})")
-            ds = datasets.load_dataset(OPENWEBTEXT_HUB_ID, revision=OPENWEBTEXT_PARQUET_REVISION, num_proc=num_proc)
-            detail = {"dataset": OPENWEBTEXT_HUB_ID, "revision": OPENWEBTEXT_PARQUET_REVISION}
+            try:
+                ds = datasets.load_dataset(OPENWEBTEXT_HUB_ID, num_proc=num_proc)
+                detail = {"dataset": OPENWEBTEXT_HUB_ID}
+            except RuntimeError as e:
+                if "scripts are no longer supported" not in str(e):
+                    raise
+                print(f"note: {OPENWEBTEXT_HUB_ID} has a loading script that datasets {datasets.__version__} "
+                      f"refuses; using its parquet export ({OPENWEBTEXT_PARQUET_REVISION})")
+                ds = datasets.load_dataset(OPENWEBTEXT_HUB_ID, revision=OPENWEBTEXT_PARQUET_REVISION,
+                                           num_proc=num_proc)
+                detail = {"dataset": OPENWEBTEXT_HUB_ID, "revision": OPENWEBTEXT_PARQUET_REVISION}
+        except (ConnectionError, OSError) as e:  # no network, or the hub refused: the user can point to a copy
+            raise CorpusNotFoundError(
+                f"OpenWebText could not be loaded from the Hugging Face hub ({type(e).__name__}: {e}); without a "
+                "network, pass --openwebtext-path with a local copy of its parquet/json files") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
     if "text" not in ds.column_names:
-        raise ValueError(f"OpenWebText stand-in has no 'text' column (columns: {ds.column_names})")
+        raise CorpusError(f"OpenWebText stand-in has no 'text' column (columns: {ds.column_names})")
     detail["documents_loaded"] = len(ds)
     return ds.select_columns(["text"]), detail
 
@@ -905,7 +957,7 @@ def load_corpus(
     if source.startswith("local:"):
         ds, detail = load_local(source[len("local:"):], text_unit=text_unit, cache_dir=cache_dir)
         return Corpus(ds, detail)
-    raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    raise InvalidArgumentError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
 # ======================================================================================================================
@@ -962,11 +1014,31 @@ def _check_replaceable(out_dir: Path) -> None:
     """Refuse to replace a directory that holds anything but a previous preparation (it may be the user's data)."""
     if out_dir.exists():
         if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
+            raise OutputNotReplaceableError(f"{out_dir} exists and is not a directory: choose another --out")
         others = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES)
         if others:
-            raise FileExistsError(f"{out_dir} holds files that are not a prepared dataset ({others[:5]}); "
-                                  "refusing to replace it: choose another --out")
+            raise OutputNotReplaceableError(f"{out_dir} holds files that are not a prepared dataset ({others[:5]}); "
+                                            "refusing to replace it: choose another --out")
+
+
+def _work_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.preparing-"
+
+
+def _remove_killed_preparations(out_dir: Path) -> None:
+    """Delete the work folders that killed preparations of this same `out` left behind (their PID is dead), and say
+    how much that freed: on OpenWebText each holds gigabytes.  A live preparation's folder is left alone."""
+    prefix = _work_prefix(out_dir)
+    removed, freed = [], 0
+    for work in out_dir.parent.glob(glob.escape(prefix) + "*"):
+        pid = work.name[len(prefix):].split("-", 1)[0]
+        if work.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            freed += tree_bytes(work)
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(pid)
+    if removed:
+        print(f"removed {len(removed)} folder(s) left in {out_dir.parent} by killed preparations of {out_dir.name} "
+              f"(PID {', '.join(removed)}): {freed / 1e6:.1f} MB freed", flush=True)
 
 
 def _replace_dir(staging: Path, out_dir: Path, trash: Path) -> None:
@@ -999,31 +1071,34 @@ def prepare(
     val_fraction and seed default to the source's (0.05 and 1337; nanoGPT's 0.0005 and 2357 for openwebtext).
     max_tokens caps the total (whole documents from a seeded shuffle, EOTs counted) before the split.
     An existing preparation at out_dir is replaced only once the new one is complete. Work happens in
-    .<out>.preparing-* beside out_dir, removed on any error; only a hard kill (SIGKILL, power loss) can leave one
-    behind, and it is never mistaken for a dataset (delete it by hand).
+    .<out>.preparing-<pid>-* beside out_dir, removed on any error; only a hard kill (SIGKILL, power loss) can leave one
+    behind, it is never mistaken for a dataset, and the next preparation of the same out_dir removes it.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+        raise InvalidArgumentError(f"max_tokens must be >= 2, got {max_tokens}")
     if num_proc < 1:
-        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+        raise InvalidArgumentError(f"num_proc must be >= 1, got {num_proc}")
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise InvalidArgumentError(f"val_fraction must be in (0, 1), got {val_fraction}")
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.preparing-", dir=out_dir.parent))
+    _remove_killed_preparations(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=f"{_work_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
     try:
         corpus = load_corpus(source, seed=DEFAULT_SEED if seed is None else seed, num_proc=num_proc,
                              text_unit=text_unit, cache_dir=str(work / "hf-cache"),
                              openwebtext_path=openwebtext_path, dataset_loader=dataset_loader)
         val_fraction = corpus.val_fraction if val_fraction is None else float(val_fraction)
         seed = corpus.seed if seed is None else int(seed)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         nproc = num_proc if num_proc > 1 else None
         docs = corpus.documents.filter(_non_empty, batched=True, num_proc=nproc, desc="dropping empty documents")
         if max_tokens is not None:
             docs = _take_token_budget(docs, max_tokens, seed)
         if len(docs) < 2:
-            raise ValueError(f"source {source!r} has {len(docs)} non-empty document(s); a train/val split needs 2")
+            raise CorpusError(f"source {source!r} has {len(docs)} non-empty document(s); a train/val split needs at "
+                              "least 2" + (" (--text-unit paragraph cuts .txt files at blank lines)"
+                                           if text_unit == "file" else ""))
         split = docs.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         staging = work / "prepared"
         staging.mkdir()
@@ -1063,27 +1138,42 @@ def prepare(
 # ======================================================================================================================
 
 
-def _not_prepared(data_dir: Path, why: str) -> DatasetNotPreparedError:
-    cmd = PREPARE_COMMAND.format(source=DEFAULT_SOURCE, out=data_dir)
+def _not_prepared(data_dir: Path, why: str, source: str | None = None) -> DatasetNotPreparedError:
+    """The error with the command that prepares this folder: for the source its (stale) manifest recorded, else the
+    source the folder is named after (the scales keep data/<source>), else a placeholder — never a guess that would
+    prepare the wrong corpus."""
+    if source is None and data_dir.name in NAMED_SOURCES:
+        source = data_dir.name
+    cmd = PREPARE_COMMAND.format(source=source or "<source>", out=data_dir)
     return DatasetNotPreparedError(f"no prepared dataset at {data_dir}: {why}. Prepare it with:\n    {cmd}\n"
-                                   f"(other sources: {', '.join(SOURCES)})")
+                                   f"(sources: {', '.join(SOURCES)})")
 
 
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a finished preparation; DatasetNotPreparedError (with the command to run) if there is none."""
     data_dir = Path(data_dir).expanduser()
     path = data_dir / MANIFEST_NAME
+    if data_dir.exists() and not data_dir.is_dir():
+        raise _not_prepared(data_dir, "it is a file, not a directory")
     if not data_dir.is_dir():
         raise _not_prepared(data_dir, "the directory does not exist")
     if not path.is_file():
         raise _not_prepared(data_dir, f"{MANIFEST_NAME} is missing (preparation never finished)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _not_prepared(data_dir, f"{MANIFEST_NAME} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise _not_prepared(data_dir, f"{MANIFEST_NAME} is a JSON {type(manifest).__name__}, not an object")
+    source = manifest.get("source") if isinstance(manifest.get("source"), str) else None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise _not_prepared(data_dir, f"format version {manifest.get('format_version')} (this code reads "
-                                      f"{FORMAT_VERSION})")
+                                      f"{FORMAT_VERSION})", source)
+    splits = manifest.get("splits")
+    if not (isinstance(splits, dict) and all(isinstance(splits.get(s), dict) and SPLIT_FIELDS <= set(splits[s])
+                                             for s in SPLITS)):
+        raise _not_prepared(data_dir, f"{MANIFEST_NAME} has no complete 'splits' entry for {' and '.join(SPLITS)}",
+                            source)
     return manifest
 
 
@@ -1094,7 +1184,7 @@ def load_tokens(data_dir: str | Path, split: str, *, verify_hash: bool | None = 
     17 GB OpenWebText train.bin would take minutes on every load); True/False force either.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InvalidArgumentError(f"split must be one of {SPLITS}, got {split!r}")
     data_dir = Path(data_dir).expanduser()
     manifest = read_manifest(data_dir)
     info = manifest["splits"][split]

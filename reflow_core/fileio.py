@@ -1,4 +1,4 @@
-"""Small file helpers every layer shares: atomic JSON writes and file hashes.
+"""Small file helpers every layer shares: atomic JSON writes, file hashes, and who owns a leftover folder.
 
 Imports nothing from the package.
 """
@@ -47,3 +47,32 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine (a zombie counts: its parent has not reaped it yet).
+
+    Temporary folders carry their writer's PID in their name, so a later run can tell a dead writer's leftovers
+    (safe to delete) from a live writer's work in progress (never to be touched).
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        return True
+    return True
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file under ``path`` (links not followed); what deleting it frees."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from reflow_core.config import TrainConfig
-from reflow_core.errors import ERROR_PREFIX, UserError
+from reflow_core.errors import ERROR_PREFIX, InvalidArgumentError, UserError
+from reflow_core.runlock import check_unlocked
 from reflow_core.train import ENV_PROGRESS
 
 TAIL_LINES = 50
@@ -87,14 +88,16 @@ def launch(config: TrainConfig | dict, *, nproc: int | None = None, env: dict[st
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config.validate()
     nproc = default_nproc(config, env) if nproc is None else int(nproc)
     if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
+        raise InvalidArgumentError(f"nproc must be >= 1, got {nproc}")
     gpus = visible_gpus(env)
     if config.device != "cpu" and gpus and nproc > gpus:
-        raise ValueError(f"nproc={nproc} but only {gpus} GPU(s) are visible: NCCL needs one process per GPU "
-                         "(use device='cpu' for CPU processes)")
+        raise InvalidArgumentError(f"nproc={nproc} but only {gpus} GPU(s) are visible: NCCL needs one process per GPU "
+                                   "(use device='cpu' for CPU processes)")
     config.validate(world_size=nproc)
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # A live run in out_dir: refuse before replacing its train_config.json or deleting its summary (the child would
+    # be refused too, but only after that damage was done).
+    check_unlocked(out_dir)
     config_path = config.to_json(out_dir / "train_config.json")
     summary_path = out_dir / "summary.json"
     summary_path.unlink(missing_ok=True)  # never return a previous run's summary

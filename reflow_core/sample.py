@@ -10,19 +10,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from reflow_core import checkpoint as ckpt_io
+from reflow_core.errors import InvalidArgumentError
 from reflow_core.tokenizer import EOT_TOKEN, decode, encode
 
 
-def _device(device: str) -> torch.device:
+def _device(device: str, name: str = "device") -> torch.device:
+    """The torch device for ``device`` (``auto`` picks CUDA when there is one); refused if this build cannot use it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InvalidArgumentError(f"{name} {device!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"{name} {device!r}: no CUDA device is available (torch {torch.__version__}, "
+                                       f"built with CUDA {torch.version.cuda}); use {name} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"{name} {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise InvalidArgumentError(f"{name} {device!r}: sampling runs on cpu or cuda")
+    return dev
+
+
+def check_sampling_arguments(*, max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int,
+                             cli: bool = False) -> None:
+    """Refuse values that cannot work, before any model is loaded; ``cli`` names the options as the CLI spells them.
+
+    A negative temperature would divide the logits by a negative number and sample the *least* likely tokens.
+    """
+    def name(arg: str) -> str:
+        return "--" + arg.replace("_", "-") if cli else arg
+
+    if max_new_tokens < 0:
+        raise InvalidArgumentError(f"{name('max_new_tokens')} must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise InvalidArgumentError(f"{name('num_samples')} must be >= 1, got {num_samples}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidArgumentError(f"{name('temperature')} must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < (0 if cli else 1):
+        raise InvalidArgumentError(f"{name('top_k')} must be >= {0 if cli else 1}"
+                                   + (" (0: no top-k filtering)" if cli else " or None") + f", got {top_k}")
 
 
 def sample(
@@ -47,14 +82,14 @@ def sample(
     generation step; afterwards ``monitor.fire_step[i]`` says whether and when it flagged sample i.  Without it,
     nothing changes.
     """
+    check_sampling_arguments(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             num_samples=num_samples)
     if isinstance(checkpoint, torch.nn.Module):
         model = ckpt_io.unwrap_model(checkpoint)
         dev = next(model.parameters()).device
     else:
         dev = _device(device)
         model, _ = ckpt_io.load_model(checkpoint, dev)
-    if max_new_tokens < 0 or num_samples < 1:
-        raise ValueError("max_new_tokens must be >= 0 and num_samples >= 1")
     ids = encode(prompt) if prompt else [EOT_TOKEN]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -126,7 +161,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("checkpoint", help="checkpoint directory or run directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=200, help="0 = no top-k filtering")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--num-samples", type=int, default=1)
@@ -135,6 +170,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def run_sample_cli(args: argparse.Namespace) -> list[str]:
+    # every argument is checked, under its option's name, before the checkpoint is read
+    check_sampling_arguments(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             num_samples=args.num_samples, cli=True)
+    _device(args.device, "--device")
     texts = sample(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed, num_samples=args.num_samples, device=args.device)
     for i, text in enumerate(texts):

@@ -17,11 +17,15 @@ all but the last micro-step.  Three properties are designed in and tested:
   which is what lets a test show that 2 DDP processes and 1 process follow the same losses.
 * **Exact resume.**  Batches and dropout depend only on ``(seed, step, rank)``, not on RNG state carried across
   steps, so restoring weights, the AdamW moments and the step count puts a run back on the very same trajectory.
-* **Safety.**  Checkpoints are atomic safetensors (:mod:`reflow_core.checkpoint`).  A non-finite loss stops the
-  run with :class:`TrainingDiverged` before anything of the bad state is written; the last good checkpoint stays.
+* **Safety.**  One run per output folder (:mod:`reflow_core.runlock`).  Checkpoints are atomic safetensors
+  (:mod:`reflow_core.checkpoint`).  :class:`DivergenceGuard` judges every step — a non-finite or far too high loss,
+  a sudden spike, a vanishing gradient, a dead model — and a checkpoint is written only after the val loss of the
+  very weights it saves passed the same judgement; a tripped check stops the run with :class:`TrainingDiverged`
+  before anything of the bad state is written, and names a checkpoint as the last good one only if it is.
 
 Host syncs are kept out of the step: losses stay on the device and are read (one sync) only at log, eval and
-checkpoint steps, which is also where a divergence is detected (at the exact step it happened).
+checkpoint steps, where every step since the last sync is checked (so a divergence is named at the exact step it
+happened, and always before a checkpoint is written).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,7 @@ from reflow_core.device import (Dist, all_reduce_sum, autocast_for, peak_flops, 
 from reflow_core.errors import UserError
 from reflow_core.fileio import write_json_atomic
 from reflow_core.model import build_model
+from reflow_core.runlock import RunLock, RunLockedError
 
 # Environment variables read by train() (set by launch(), by torchrun, or by tests).
 ENV_PROGRESS = "REFLOW_PROGRESS"  # "lines": no tqdm bar, one printed line per log step (for piped output)
@@ -58,11 +64,104 @@ INIT_DIR = "init"  # out_dir/init: the model at step 0
 
 
 class TrainingDiverged(UserError, RuntimeError):
-    """The loss (or gradient norm) became NaN/inf; the run stopped without saving the bad state."""
+    """The run stopped at ``step`` without saving the bad state; ``checkpoint`` is the last good one, or None."""
 
     def __init__(self, message: str, *, step: int, loss: float, checkpoint: str | None) -> None:
         super().__init__(message)
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
+
+
+# DivergenceGuard's thresholds (losses in nats)
+SPIKE_FACTOR = 3.0  # after warmup, a loss above 3x the median of the recent losses...
+SPIKE_MIN_NATS = 2.0  # ...and at least 2 nats above it is a divergence, not a hard batch
+SPIKE_MIN_HISTORY = 20  # losses needed before their median means anything
+HISTORY = 100  # recent losses kept, and stored in every checkpoint so a resumed run judges as the original would
+DEAD_LOSS_TOL = 0.05  # |loss - ln V| below this...
+DEAD_GRAD = 1e-5  # ...with a gradient norm below this...
+DEAD_STEPS = 3  # ...for this many steps in a row: the model predicts a uniform distribution and cannot learn
+WEIGHT_LIMIT = 1e4  # no healthy weight comes near this (init std 0.02, norm gains ~1); checked before every save
+
+
+class DivergenceGuard:
+    """Says whether a step's loss and gradient norm are still training, or why not.
+
+    Finite is not enough: with a learning rate far too high the loss can sit at 1e3-1e10 and stay finite, or the
+    weights can blow up until every logit saturates, the loss reads ln V (a uniform guess, like a fresh model's) and
+    the gradient is 0, after which nothing ever changes again.  :meth:`check` names the first of
+
+    * a non-finite loss or gradient norm;
+    * a loss above 2·ln V: twice what a uniform guess costs, where no model that learns (or a fresh one) ever is;
+    * a gradient norm of exactly 0;
+    * after warmup, a loss above SPIKE_FACTOR × the median of the recent losses and SPIKE_MIN_NATS above it;
+    * loss ≈ ln V with gradient norm ≈ 0 for DEAD_STEPS steps in a row (a dead model, e.g. one resumed from a bad
+      checkpoint).
+
+    Only losses that pass go into the history, so one trip does not move the median.  After a trip,
+    ``first_bad_step`` is the step where the evidence began (for a dead streak, its first step).
+    """
+
+    def __init__(self, vocab_size: int, warmup_steps: int, history: list[float] | None = None) -> None:
+        self.ln_v = math.log(vocab_size)
+        self.ceiling = 2 * self.ln_v
+        self.warmup_steps = warmup_steps
+        self.history = list(history or [])[-HISTORY:]
+        self.dead_streak = 0
+        self.first_bad_step: int | None = None
+
+    def check(self, step: int, loss: float, gnorm: float) -> str | None:
+        self.first_bad_step = step
+        why = self._why(step, loss, gnorm)
+        if why is None:
+            self.history = (self.history + [loss])[-HISTORY:]
+        return why
+
+    def _why(self, step: int, loss: float, gnorm: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"loss={loss}"
+        if not math.isfinite(gnorm):
+            return f"loss={loss:.4f} but grad norm={gnorm}"
+        if loss > self.ceiling:
+            return f"loss={loss:.4g}, above 2·ln V = {self.ceiling:.2f} (a uniform guess costs ln V = {self.ln_v:.2f})"
+        if gnorm == 0.0:
+            return f"loss={loss:.4f} with a gradient norm of exactly 0: the model is dead, no weight can change"
+        if step > self.warmup_steps and len(self.history) >= SPIKE_MIN_HISTORY:
+            median = statistics.median(self.history)
+            if loss > SPIKE_FACTOR * median and loss - median > SPIKE_MIN_NATS:
+                return (f"loss={loss:.4f}, {loss / median:.1f}x the median {median:.4f} of the last "
+                        f"{len(self.history)} steps")
+        if abs(loss - self.ln_v) < DEAD_LOSS_TOL and gnorm < DEAD_GRAD:
+            self.dead_streak += 1
+            if self.dead_streak >= DEAD_STEPS:
+                self.first_bad_step = step - DEAD_STEPS + 1
+                return (f"loss={loss:.4f} ≈ ln V with grad norm {gnorm:.1e} for {DEAD_STEPS} steps: the model is "
+                        "dead (it predicts a uniform distribution and no gradient flows back)")
+        else:
+            self.dead_streak = 0
+        return None
+
+    def check_val(self, val_loss: float) -> str | None:
+        """The val loss of the current weights (evaluated before every checkpoint): finite and below 2·ln V."""
+        if not math.isfinite(val_loss):
+            return f"val loss={val_loss}"
+        if val_loss > self.ceiling:
+            return f"val loss={val_loss:.4g}, above 2·ln V = {self.ceiling:.2f} (a uniform guess costs ln V = " \
+                   f"{self.ln_v:.2f})"
+        return None
+
+    def sane(self, loss: float | None) -> bool:
+        """Whether a loss recorded in a checkpoint could come from a model that trains (None: not recorded)."""
+        return loss is None or (math.isfinite(loss) and loss <= self.ceiling)
+
+
+def weights_problem(model: torch.nn.Module) -> str | None:
+    """Why the weights must not be saved (non-finite, or blown up past WEIGHT_LIMIT), or None; one host sync."""
+    with torch.no_grad():
+        biggest = torch.stack([p.detach().abs().max().float() for p in model.parameters()]).max().item()
+    if not math.isfinite(biggest):
+        return "a weight is not finite"
+    if biggest > WEIGHT_LIMIT:
+        return f"the weights blew up (max |w| = {biggest:.3g}; healthy weights stay far below {WEIGHT_LIMIT:g})"
+    return None
 
 
 
@@ -221,14 +320,38 @@ def train(config: TrainConfig | dict, **overrides) -> dict:
     device_type = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     with torch_threads(config.threads):
         d = setup_distributed(device_type)
+        lock = None
         try:
+            lock = _lock_out_dir(config, d, device_type)
             run = _setup(config, d)
             _resume(run)
             _train_loop(run)
             return _finish(run)
         finally:
+            if lock is not None:
+                lock.release()
             if d.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _lock_out_dir(config: TrainConfig, d: Dist, device_type: str) -> RunLock | None:
+    """Rank 0 (the only writer) locks out_dir; every rank learns whether it could, so all ranks stop together
+    instead of some waiting forever in a collective for a rank that has quit."""
+    lock, error = None, None
+    if d.master:
+        try:
+            lock = RunLock(config.out_dir).acquire()
+        except UserError as e:
+            error = e
+    if d.enabled:
+        failed = torch.tensor([float(error is not None)],
+                              device=torch.device("cuda", d.local_rank) if device_type == "cuda" else "cpu")
+        all_reduce_sum(failed, d)
+        if failed.item() and error is None:
+            raise RunLockedError(f"rank 0 could not take {config.out_dir} (see its error); rank {d.rank} stops too")
+    if error is not None:
+        raise error
+    return lock
 
 
 @dataclass
@@ -259,6 +382,10 @@ class _Run:
     t_start: float = 0.0
     train_seconds: float = 0.0  # wall seconds spent in training steps (not eval or checkpoints) this run
     tokens_this_run: int = 0
+    train_s_before: float = 0.0  # the same two totals over the earlier runs this one resumes (from the checkpoint),
+    tokens_timed_before: int = 0  # so that even a zero-step resume reports the run's throughput
+    guard: DivergenceGuard | None = None
+    last_ckpt_losses: tuple = (None, None)  # (train, val) losses recorded in checkpoint_path
 
     @property
     def out_dir(self) -> Path:
@@ -299,7 +426,8 @@ def _setup(config: TrainConfig, d: Dist) -> _Run:
     return _Run(config=config, d=d, device=device, dtype=dtype, autocast=autocast_for(device.type, dtype),
                 train_tokens=train_tokens, val_tokens=val_tokens, raw_model=raw_model,
                 optimizer=make_optimizer(raw_model, config, device.type), seq_len=T, accum=accum,
-                tokens_per_step=config.micro_batch_size * T * accum * d.world_size)
+                tokens_per_step=config.micro_batch_size * T * accum * d.world_size,
+                guard=DivergenceGuard(raw_model.config.vocab_size, config.warmup_steps))
 
 
 def _resume(run: _Run) -> None:
@@ -317,8 +445,12 @@ def _resume(run: _Run) -> None:
         ckpt_io.restore_rng_state(meta["rng"])
         run.start_step, run.tokens_seen = meta["step"], meta["tokens_seen"]
         run.wall_before = meta["extra"].get("wall_s", 0.0)
+        run.train_s_before = meta["extra"].get("train_s", 0.0)  # absent in checkpoints from before these totals
+        run.tokens_timed_before = meta["extra"].get("tokens_timed", 0)
+        run.guard.history = list(meta["extra"].get("recent_losses", []))[-HISTORY:]
         run.last = {k: meta["extra"].get(k) for k in run.last}
         run.resumed_from, run.checkpoint_path, run.ckpt_step = run.start_step, str(found), run.start_step
+        run.last_ckpt_losses = (run.last["train_loss"], run.last["val_loss"])
         current = config.to_dict()
         changed = {k: (v, current[k]) for k, v in (meta.get("train_config") or {}).items()
                    if k in current and current[k] != v and k not in ("resume", "progress")}
@@ -378,20 +510,38 @@ def _train_step(run: _Run) -> torch.Tensor:
 
 
 def _sync_losses(run: _Run, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, float]:
-    """The one host sync: read the pending [loss, grad norm] pairs, stop on the first non-finite one."""
+    """The one host sync: read the pending [loss, grad norm] pairs and let the guard judge every one of them."""
     values = torch.stack([v for _, v in pending])
-    all_reduce_sum(values, run.d)
+    all_reduce_sum(values, run.d)  # every rank sees the same values, so every rank stops at the same step
     values = (values / run.d.world_size).tolist()
     for (s, _), (loss, gnorm) in zip(pending, values):
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            what = f"loss={loss}" if not math.isfinite(loss) else f"loss={loss:.4f} but grad norm={gnorm}"
-            saved = f"{run.checkpoint_path} (step {run.ckpt_step})" if run.checkpoint_path else "none was written"
-            raise TrainingDiverged(
-                f"training diverged at step {s}: {what}. Nothing was saved after it; the last good checkpoint "
-                f"is {saved}. Try a lower lr (now {run.config.lr:g}), a longer warmup (now "
-                f"{run.config.warmup_steps} steps) or gradient clipping (grad_clip now {run.config.grad_clip:g}).",
-                step=s, loss=loss, checkpoint=run.checkpoint_path)
+        why = run.guard.check(s, loss, gnorm)
+        if why is not None:  # the loss of step s is computed with the weights after step s - 1
+            _diverged(run, s, why, loss, weights_step=run.guard.first_bad_step - 1)
     return values[-1][0], values[-1][1]
+
+
+def _diverged(run: _Run, step: int, why: str, loss: float, *, weights_step: int):
+    """Raise TrainingDiverged; name the last checkpoint as good only if it was saved before ``weights_step`` (the
+    step whose weights first showed ``why``) and the losses it recorded are sane."""
+    ckpt, at = run.checkpoint_path, f"{run.checkpoint_path} (step {run.ckpt_step})"
+    good = None
+    if ckpt is None:
+        saved = "no checkpoint was written before it" + (
+            f" ({run.out_dir / INIT_DIR} holds the step-0 weights)" if (run.out_dir / INIT_DIR).is_dir() else "")
+    elif run.ckpt_step >= weights_step:
+        saved = (f"the checkpoint {at} holds the weights that gave this, so it is not a good one: resuming from it "
+                 "would stop the same way. Start again with resume='never' (or another out_dir)")
+    elif not (run.guard.sane(run.last_ckpt_losses[0]) and run.guard.sane(run.last_ckpt_losses[1])):
+        saved = (f"the checkpoint {at} recorded losses {run.last_ckpt_losses} and is not a good one either. "
+                 "Start again with resume='never' (or another out_dir)")
+    else:
+        good = ckpt
+        saved = f"the last good checkpoint is {at}"
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {why}. Nothing was saved after it; {saved}. Try a lower lr (now "
+        f"{run.config.lr:g}), a longer warmup (now {run.config.warmup_steps} steps) or gradient clipping "
+        f"(grad_clip now {run.config.grad_clip:g}).", step=step, loss=loss, checkpoint=good)
 
 
 def _log(run: _Run, *, train_loss: float, gnorm: float, do_eval: bool, elapsed: float, tokens_interval: int,
@@ -400,12 +550,10 @@ def _log(run: _Run, *, train_loss: float, gnorm: float, do_eval: bool, elapsed: 
     val_loss = None
     if do_eval:
         val_loss = evaluate(run.raw_model, run.val_tokens, run.config, run.device, run.autocast, run.d)
+        why = run.guard.check_val(val_loss)
+        if why is not None:  # the val loss is that of the current weights, the ones a checkpoint now would save
+            _diverged(run, run.step, f"{why} (train loss {train_loss:.4f})", val_loss, weights_step=run.step)
         run.last["val_loss"] = val_loss
-        if not math.isfinite(val_loss):
-            raise TrainingDiverged(
-                f"training diverged at step {run.step}: val loss={val_loss} (train loss {train_loss}). "
-                f"Try a lower lr (now {run.config.lr:g}).", step=run.step, loss=val_loss,
-                checkpoint=run.checkpoint_path)
     tok_s = tokens_interval / elapsed if elapsed > 0 and tokens_interval else None
     record = {
         "step": run.step, "tokens": run.tokens_seen, "lr": lr_at(run.step - 1, run.config), "train_loss": train_loss,
@@ -420,15 +568,21 @@ def _log(run: _Run, *, train_loss: float, gnorm: float, do_eval: bool, elapsed: 
 
 
 def _checkpoint(run: _Run) -> None:
+    """Save the current state — after its val loss (evaluated at every checkpoint step) and its weights passed."""
+    why = weights_problem(run.raw_model)
+    if why is not None:
+        _diverged(run, run.step, why, run.last["train_loss"], weights_step=run.step)
     if run.d.master:
         extra = {**run.last, "wall_s": run.wall_s(), "world_size": run.d.world_size, "device": str(run.device),
-                 "dtype": str(run.dtype)}
+                 "dtype": str(run.dtype), "train_s": run.train_s_before + run.train_seconds,
+                 "tokens_timed": run.tokens_timed_before + run.tokens_this_run, "recent_losses": run.guard.history}
         run.checkpoint_path = str(ckpt_io.save_checkpoint(
             run.out_dir, run.raw_model, run.optimizer, step=run.step, config=run.config, tokens_seen=run.tokens_seen,
             extra=extra))
     else:
         run.checkpoint_path = str(run.out_dir / ckpt_io.CKPT_DIR)
     run.ckpt_step = run.step
+    run.last_ckpt_losses = (run.last["train_loss"], run.last["val_loss"])
 
 
 def _mfu(run: _Run, tokens_per_s: float | None) -> float | None:
@@ -456,8 +610,9 @@ def _train_loop(run: _Run) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             final = run.step == config.max_steps
             do_log = run.step % config.log_interval == 0 or final
-            do_eval = (config.eval_interval > 0 and run.step % config.eval_interval == 0) or final
             do_ckpt = (config.ckpt_interval > 0 and run.step % config.ckpt_interval == 0) or final
+            # every checkpoint is evaluated first: the val loss of the very weights it saves is what makes it good
+            do_eval = (config.eval_interval > 0 and run.step % config.eval_interval == 0) or do_ckpt
             record = None
             if do_log or do_eval or do_ckpt:
                 train_loss, gnorm = _sync_losses(run, pending)
@@ -483,7 +638,11 @@ def _finish(run: _Run) -> dict:
     if run.d.enabled:
         dist.barrier()
     device = run.device
-    tokens_per_s = run.tokens_this_run / run.train_seconds if run.train_seconds > 0 else None
+    # Throughput over every run that made this model (this one and those it resumed), from the totals stored in the
+    # checkpoint: a resume with no step left to run still reports the run's tokens/s instead of null.
+    train_s = run.train_s_before + run.train_seconds
+    tokens_timed = run.tokens_timed_before + run.tokens_this_run
+    tokens_per_s = tokens_timed / train_s if train_s > 0 else None
     summary = {
         "model": run.config.model,
         "num_params": run.raw_model.num_params(),
@@ -495,7 +654,9 @@ def _finish(run: _Run) -> dict:
         "tokens_per_step": run.tokens_per_step,
         "wall_s": run.wall_s(),
         "wall_s_this_run": time.perf_counter() - run.t_start,
+        "train_s": train_s,
         "tokens_per_s": tokens_per_s,
+        "tokens_per_s_this_run": run.tokens_this_run / run.train_seconds if run.train_seconds > 0 else None,
         "mfu": _mfu(run, tokens_per_s),
         "flops_per_token": run.raw_model.flops_per_token(run.seq_len),
         "peak_flops_per_device": peak_flops(device, run.dtype),
@@ -514,6 +675,7 @@ def _finish(run: _Run) -> dict:
         write_json_atomic(run.out_dir / "summary.json", summary)
         print(f"done {run.config.model}: step {run.step} | train loss {_fmt(summary['final_train_loss'])} | val loss "
               f"{_fmt(summary['final_val_loss'])} | "
-              + (f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "no steps run")
+              + (f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "no step timed")
+              + (" | nothing left to train" if run.step == run.start_step else "")
               + (f" | mfu {100 * summary['mfu']:.1f}%" if summary["mfu"] else ""), flush=True)
     return summary

@@ -334,9 +334,10 @@ def test_cli_arguments():
 
 def test_cli_reports_errors_as_exit_code(nested_repo, monkeypatch, capsys):
     monkeypatch.chdir(nested_repo)
-    args = book.add_book_arguments(argparse.ArgumentParser()).parse_args(["--scale", "paper", "--no-execute"])
-    assert book.run_book_cli(args) == 1
-    assert "no stored results for scale 'paper'" in capsys.readouterr().err
+    assert book.main(["--scale", "paper", "--no-execute"]) == 2  # a user error: message, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("reflow_core: error: BookError: no stored results for scale 'paper'")
+    assert "Traceback" not in err
 
 
 def test_scorecard_rows_take_the_paper_side_from_the_registry(tmp_path):

@@ -154,10 +154,13 @@ def test_tampered_bin_is_refused(tiny_dir, tmp_path):
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
-    missing = tmp_path / "nowhere"
+    missing = tmp_path / "wiki-offline"  # the scales keep data/<source>: the hint names that source
     with pytest.raises(D.DatasetNotPreparedError) as e:
         D.load_tokens(missing, "train")
     assert f"python -m reflow_core prepare --source wiki-offline --out {missing}" in str(e.value)
+    with pytest.raises(D.DatasetNotPreparedError) as e:
+        D.load_tokens(tmp_path / "nowhere", "train")  # a name that is no source: no guess
+    assert f"python -m reflow_core prepare --source <source> --out {tmp_path / 'nowhere'}" in str(e.value)
 
     half = tmp_path / "half"  # token files but no manifest: what a crash mid-way would look like without atomicity
     half.mkdir()

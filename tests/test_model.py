@@ -188,4 +188,4 @@ def test_params_command_prints_the_exact_count_without_allocating():
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "515056640"
     bad = subprocess.run([sys.executable, "-m", "reflow_core", "params", "reflow@huge"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "unknown preset 'reflow@huge'" in bad.stderr
+    assert bad.returncode == 2 and "unknown preset 'reflow@huge'" in bad.stderr  # a user error, not a bug (1)
