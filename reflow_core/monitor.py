@@ -20,7 +20,8 @@ the states from a model's forward passes (``reflow_core.sample.sample(..., monit
 Also here: an objective loop criterion (:func:`loop_onset`: a span of period p ≤ ``max_period`` repeated
 consecutively, covering ≥ ``min_tokens`` tokens) and a text-only baseline (:class:`NgramMonitor`: fires when the last
 n generated tokens already occurred in the generation).  The evaluation against them is the experiment
-:mod:`reflow_core.experiments.loop_monitor`.
+:mod:`reflow_core.experiments.loop_monitor`, where the detectors read the first part of a generation and the loop
+criterion labels the held-out rest, so that no detector is scored against the very tokens it read.
 """
 
 from __future__ import annotations
@@ -170,7 +171,3 @@ def loop_onset(tokens, *, max_period: int = 8, min_tokens: int = 12, min_repeats
                     best = run_start
                 run_start = None
     return best
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation on generations

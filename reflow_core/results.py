@@ -24,8 +24,12 @@ def _jsonable(value):
 
 
 def save_result(results_dir: str | Path, name: str, result: dict) -> Path:
-    """Write ``results_dir/data/<name>.json`` atomically (the scorecard reads these)."""
-    return write_json_atomic(Path(results_dir) / "data" / f"{name}.json", _jsonable(result), sort_keys=True)
+    """Write ``results_dir/data/<name>.json`` atomically (the scorecard reads these); paths in it are written relative
+    to the repository root (:func:`reflow_core.public_paths.redact_json`): the record must not name the machine."""
+    from reflow_core.public_paths import redact_json
+
+    return write_json_atomic(Path(results_dir) / "data" / f"{name}.json", redact_json(_jsonable(result)),
+                             sort_keys=True)
 
 
 def load_result(results_dir: str | Path, name: str) -> dict | None:

@@ -23,3 +23,18 @@ def identity_model(n_layer: int, noise: float = 0.1, seed: int = 0):
         m.norm_final.weight.fill_(1.0)
         m.vocab.recipe.normal_(0, noise)
     return m
+
+
+def plant_categories(model, spread: float = 0.05, seed: int = 1, categories=None):
+    """Every curated word (of ``categories``, default the atlas's) gets its category's centre plus small noise in its
+    recipe row, hence in E (the basis stays fixed)."""
+    from reflow_core.experiments import atlas
+
+    g = torch.Generator().manual_seed(seed)
+    _, labels, ids, _ = atlas.curated(categories) if categories is not None else atlas.curated()
+    S = model.vocab.recipe.shape[1]
+    centres = {c: torch.randn(S, generator=g) for c in dict.fromkeys(labels)}
+    with torch.no_grad():
+        for lab, i in zip(labels, ids):
+            model.vocab.recipe[i] = centres[lab] + spread * torch.randn(S, generator=g)
+    return model

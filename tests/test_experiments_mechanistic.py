@@ -3,6 +3,10 @@
 The planted models are reFlow@test models whose blocks are made the identity (attention and MLP output projections
 zeroed), whose W_basis is the identity (S = d) and whose final norm has weight 1: the read-out of the last position is
 then exactly RMSNorm(recipe row of the last token), so we can write into W_recipe which signal carries which token.
+
+The verdict tests follow the scorecard's rule: planted structure is reproduced; its absence is "not reproduced" only
+with a passed positive control; a model that recalls no fact (or whose expected answer is never top-1) is "not
+testable at this scale"; a null that meets the criterion, or an interval across the threshold, is inconclusive.
 """
 
 import math
@@ -17,11 +21,20 @@ from planted import identity_model
 from reflow_core.config import get_config
 from reflow_core.model import build_model
 from reflow_core.hooks import layer_hook_name, residual_states
+from reflow_core.scorecard import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Control
 from reflow_core.tokenizer import single_token_id as tid
 from reflow_core.experiments import ablation, evolution, flow
 
+PASSED = Control("planted control", True, "the model recalls the facts on this build")
+FAILED = Control("planted control", False, "the model recalls no fact on this build")
+
 PROMPT = "The capital of France is"
 FUNCTION = [" the", " a", " in", " to", " an", " at"]
+ITEMS = [{"prompt": PROMPT, "target": " Paris"}]
+
+
+def both(control: Control) -> dict:
+    return {"ablation.single": control, "ablation.codebook": control}
 
 
 def e(j, S=32):
@@ -61,16 +74,73 @@ def test_single_signal_ablation_removes_planted_target():
     # codebook of the carrier = the planted function words; random signals' codebooks hold none
     assert set(r.codebook) == set(FUNCTION)
     assert r.codebook_function_share == 1.0 and r.null_function_share < 0.2
-    rows = ablation.scorecard_rows(r, {"fold_top1": [r.fold_drop_1], "median_fold_top1": r.fold_drop_1}, "test", "x")
-    assert [row.verdict for row in rows] == ["reproduced", "reproduced"]
+    over = ablation.ablation_over_prompts(m, ITEMS, n_random=64)
+    assert over["n_recalled"] == 1 and over["rank"] == [1]
+    rows = ablation.scorecard_rows(r, [over], "test", "x", both(PASSED))
+    assert [row.verdict for row in rows] == [REPRODUCED, REPRODUCED]
 
 
-def test_ablation_on_unplanted_model_does_not_collapse():
-    m = identity_model(2, seed=1)
-    r = ablation.causal_ablation(m, PROMPT, n_random=32, ks=[1, 2])
-    assert r.fold_drop_1 < ablation.FOLD_FOR_COLLAPSE
-    rows = ablation.scorecard_rows(r, {"fold_top1": [1.0], "median_fold_top1": 1.0}, "test", "x")
-    assert rows[0].verdict == "not reproduced"
+def test_codebook_leaves_the_target_out():
+    """The carrier is chosen for carrying the target, so the target tops its codebook by selection: it is left out."""
+    m = ablation_model()
+    with torch.no_grad():
+        m.vocab.recipe[tid(" Paris")] = 20 * e(5)  # now the largest weight on the carrier
+    r = ablation.causal_ablation(m, PROMPT, tid(" Paris"), n_random=16)
+    assert r.order[0] == 5 and " Paris" not in r.codebook and set(r.codebook) == set(FUNCTION)
+    assert ablation.codebook(m, 5)[0] == " Paris"  # without the exclusion it would lead the codebook
+
+
+def spread_model():
+    """' Paris' is the clear top-1, carried evenly by all 32 signals: no single signal holds it."""
+    m = identity_model(2)
+    with torch.no_grad():
+        m.vocab.recipe[tid(" is")] = torch.ones(32)
+        m.vocab.recipe[tid(" Paris")] = 0.5 * torch.ones(32)
+    return m
+
+
+def test_ablation_verdict_follows_the_rule():
+    spread = spread_model()
+    r = ablation.causal_ablation(spread, PROMPT, tid(" Paris"), ks=[1], n_random=16)
+    over = ablation.ablation_over_prompts(spread, ITEMS, n_random=16)
+    assert over["n_recalled"] == 1 and over["fold_top1"][0] < 2  # recalled, but one signal does not collapse it
+    single = ablation.scorecard_rows(r, [over], "test", "x", both(PASSED))[0]
+    assert single.verdict == NOT_REPRODUCED
+    assert ablation.scorecard_rows(r, [over], "test", "x", both(FAILED))[0].verdict == NOT_TESTABLE
+    # a random model recalls no fact: nothing to ablate, not testable whatever the control says
+    rand = identity_model(2, seed=1)
+    over = ablation.ablation_over_prompts(rand, ITEMS, n_random=8)
+    assert over["n_recalled"] == 0
+    rows = ablation.scorecard_rows(ablation.causal_ablation(rand, PROMPT, tid(" Paris"), ks=[1], n_random=8),
+                                   [over], "test", "x", both(PASSED))
+    assert [row.verdict for row in rows] == [NOT_TESTABLE, NOT_TESTABLE]
+
+
+def planted_over(folds, random_folds, shares, null_share, beyond=1.0) -> dict:
+    n = len(folds)
+    return {"n_items": n, "n_recalled": n, "recall_top_k": 10, "index": list(range(n)), "fold_top1": folds,
+            "fold_random_median": random_folds, "beyond_random": [beyond] * n, "codebook_function_share": shares,
+            "null_function_share": [null_share] * n}
+
+
+def test_ablation_nulls_and_intervals():
+    r = ablation.causal_ablation(ablation_model(), PROMPT, tid(" Paris"), ks=[1], n_random=8)
+    # random single signals collapse the answer too: the null meets the figure
+    over = planted_over([1e3] * 6, [50.0] * 6, [1.0] * 6, 0.9)
+    single, book = ablation.scorecard_rows(r, [over], "test", "x", both(PASSED))
+    assert single.verdict == INCONCLUSIVE and "random single signals" in single.why
+    assert book.verdict == INCONCLUSIVE  # random signals' codebooks are as function-word heavy
+    # half the prompts collapse, half do not: the bootstrap interval of the median straddles the threshold
+    over = planted_over([1e3, 2.0] * 4, [1.0] * 8, [1.0, 0.0] * 4, 0.0)
+    single, book = ablation.scorecard_rows(r, [over], "test", "x", both(PASSED))
+    assert single.verdict == INCONCLUSIVE and book.verdict == INCONCLUSIVE
+    # a collapse that does not beat random signals is not the claim's collapse
+    over = planted_over([1e3] * 6, [1.0] * 6, [1.0] * 6, 0.0, beyond=0.5)
+    assert ablation.scorecard_rows(r, [over], "test", "x", both(PASSED))[0].verdict == INCONCLUSIVE
+    # several seeds pool their prompts
+    over = planted_over([1e3] * 6, [1.0] * 6, [1.0] * 6, 0.0)
+    assert [row.verdict for row in ablation.scorecard_rows(r, [over, over], "test", "x", both(FAILED))] == [
+        REPRODUCED, REPRODUCED]
 
 
 def test_readout_ablation_matches_zeroing_by_hand():
@@ -168,19 +238,57 @@ def test_lens_at_last_layer_is_the_model_output():
     assert states.shape == (m.config.n_layer + 1, 1, idx.shape[1], m.config.d_model)
 
 
-def test_evolution_scorecard_band():
-    m = identity_model(n_layer=6)
-    res = {"reflow": evolution.layer_evolution(m, [{"prompt": PROMPT, "target": " Paris"}])}
-    res["reflow"].summary["median_crystal_frac"] = 0.4
-    assert evolution.scorecard_rows(res, "test", "x")[0].verdict == "reproduced"
-    res["reflow (init)"] = evolution.layer_evolution(m, [{"prompt": PROMPT, "target": " Paris"}], label="init")
-    res["reflow (init)"].summary["median_crystal_frac"] = 0.45  # the untrained null lands in the band too
-    row = evolution.scorecard_rows(res, "test", "x")[0]
-    assert row.verdict == "not reproduced" and "initialisation" in row.why
-    res["reflow (init)"].summary["median_crystal_frac"] = 1.0
-    assert evolution.scorecard_rows(res, "test", "x")[0].verdict == "reproduced"
-    res["reflow"].summary["median_crystal_frac"] = 0.9
-    assert evolution.scorecard_rows(res, "test", "x")[0].verdict == "not reproduced"
+def planted_evolution(n_layer: int, layer: int, label: str = "reflow"):
+    """' Paris' (the expected answer) written in at ``layer`` of an identity model: it crystallises there."""
+    m = identity_model(n_layer=n_layer)
+    target = tid(" Paris")
+    with torch.no_grad():
+        m.vocab.recipe[tid(" is")] = 3 * e(0)
+        m.vocab.recipe[target] = 3 * e(1)
+    with m.hooks.attach(planted_writes(m, target, {layer: 10.0})):
+        return evolution.layer_evolution(m, ITEMS, label=label)
+
+
+def test_crystallisation_of_the_expected_answer():
+    res = planted_evolution(6, 3)
+    assert res.crystal_expected == [3] and res.expected_fracs() == [(0, 0.5)]
+    assert res.summary["n_expected_top1"] == 1 and res.summary["median_crystal_frac_expected"] == 0.5
+
+
+def test_evolution_verdict_follows_the_rule():
+    in_band = planted_evolution(6, 3)  # 3/6 = 0.50: inside 0.33–0.50
+    row = evolution.scorecard_rows({"reflow": in_band}, "test", "x", FAILED)[0]
+    assert row.verdict == REPRODUCED
+    late = planted_evolution(6, 6)  # only at the last layer
+    assert evolution.scorecard_rows({"reflow": late}, "test", "x", PASSED)[0].verdict == NOT_REPRODUCED
+    assert evolution.scorecard_rows({"reflow": late}, "test", "x", FAILED)[0].verdict == NOT_TESTABLE
+    # a random model: the expected answer is never top-1, there is no crystallisation layer to measure
+    rand = evolution.layer_evolution(identity_model(n_layer=6, seed=1), ITEMS)
+    assert rand.expected_fracs() == []
+    assert evolution.scorecard_rows({"reflow": rand}, "test", "x", PASSED)[0].verdict == NOT_TESTABLE
+    # the model at initialisation lands in the band too
+    row = evolution.scorecard_rows({"reflow": in_band, "reflow (init)": in_band}, "test", "x", PASSED)[0]
+    assert row.verdict == INCONCLUSIVE and "initialisation" in row.why
+    # seeds are pooled: a second seed's records count with the first's
+    row = evolution.scorecard_rows({"reflow": in_band}, "test", "x", PASSED, seeds=[in_band, late])[0]
+    assert "2 seed(s)" in row.why and row.verdict == NOT_REPRODUCED  # one prompt: median 0.75, no interval
+
+
+def test_prompt_bootstrap_and_band():
+    est, lo, hi = evolution.prompt_bootstrap([(i, 0.4) for i in range(10)])
+    assert est == lo == hi == 0.4
+    est, lo, hi = evolution.prompt_bootstrap([(i, float(i % 2)) for i in range(20)])
+    assert lo == 0.0 and hi == 1.0
+    # records of one prompt travel together: one prompt gives no interval, whatever the number of seeds
+    est, lo, hi = evolution.prompt_bootstrap([(0, 0.1), (0, 0.9)])
+    assert est == 0.5 and np.isnan(lo)
+    assert evolution.within_band(0.35, 0.45, (1 / 3, 0.5)) == "met"
+    assert evolution.within_band(0.6, 0.9, (1 / 3, 0.5)) == "missed"
+    assert evolution.within_band(0.2, 0.4, (1 / 3, 0.5)) == "straddles"
+    # the interval over prompts decides: half the prompts early, half late → straddles
+    res = planted_evolution(6, 3)
+    res.crystal_expected = [1, 6] * 5
+    assert evolution.scorecard_rows({"reflow": res}, "test", "x", PASSED)[0].verdict == INCONCLUSIVE
 
 
 def test_seed_intervals_over_planted_models():

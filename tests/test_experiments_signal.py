@@ -13,30 +13,23 @@ import numpy as np
 import pytest
 import torch
 from chapter_checks import check_chapter
+from planted import plant_categories
 
 from reflow_core.config import get_config
 from reflow_core import stimuli
 from reflow_core.experiments import atlas, common, geometry, sparsity
 from reflow_core.model import build_model
-from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED
+from reflow_core.scorecard import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Control
+
+PASSED = Control("planted effect found", True)
+FAILED = Control("no model shows the effect", False)
+SPARSITY_PASSED = dict.fromkeys(("sparsity.rate", "sparsity.gini"), PASSED)
 from reflow_core.tokenizer import single_token_id
 
 
 def tiny(family: str = "reflow", seed: int = 0):
     torch.manual_seed(seed)
     return build_model(get_config(f"{family}@test")).eval()
-
-
-def plant_categories(model, spread: float = 0.05, seed: int = 1):
-    """Give every curated word its category's centre plus small noise."""
-    g = torch.Generator().manual_seed(seed)
-    words, labels, ids, _ = atlas.curated()
-    S = model.vocab.recipe.shape[1]
-    centres = {c: torch.randn(S, generator=g) for c in dict.fromkeys(labels)}
-    with torch.no_grad():
-        for lab, i in zip(labels, ids):
-            model.vocab.recipe[i] = centres[lab] + spread * torch.randn(S, generator=g)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,10 +107,15 @@ def test_planted_categories_give_pure_neighbourhoods_and_the_scorecard_says_so()
     assert planted.purity > 0.95 and planted.top_pairs_valid == 20 and planted.vocab_top1_valid > 0.95
     assert rand.purity < 0.3 and rand.top_pairs_valid < 8
     assert abs(rand.purity - rand.chance) < 0.1  # a random table sits at chance
-    rows = {r.claim_id: r for r in atlas.scorecard_rows({"reflow": [planted], "reflow (init)": [rand]}, "test", "x")}
+    passed = dict.fromkeys(("atlas.three_four", "atlas.top20"), PASSED)
+    failed = dict.fromkeys(("atlas.three_four", "atlas.top20"), FAILED)
+    rows = {r.claim_id: r for r in atlas.scorecard_rows({"reflow": [planted], "reflow (init)": [rand]}, "test", "x",
+                                                         failed)}
     assert rows["atlas.top20"].verdict == REPRODUCED and rows["atlas.three_four"].verdict == REPRODUCED
-    rows = {r.claim_id: r for r in atlas.scorecard_rows({"reflow": [rand]}, "test", "x")}
+    rows = {r.claim_id: r for r in atlas.scorecard_rows({"reflow": [rand]}, "test", "x", passed)}
     assert rows["atlas.top20"].verdict == NOT_REPRODUCED and rows["atlas.three_four"].verdict == NOT_REPRODUCED
+    rows = {r.claim_id: r for r in atlas.scorecard_rows({"reflow": [rand]}, "test", "x", failed)}  # no power: no verdict
+    assert rows["atlas.top20"].verdict == NOT_TESTABLE and rows["atlas.three_four"].verdict == NOT_TESTABLE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,8 +132,10 @@ def test_gaussian_rows_give_eleven_percent_at_c2():
     # the whole sweep follows the Gaussian curve, and the same-norm null tracks it
     np.testing.assert_allclose(res.rate, sparsity.gaussian_rate(res.cs), atol=0.005)
     np.testing.assert_allclose(res.rate, res.null_rate, atol=0.005)
-    row = sparsity.scorecard_rows({"reflow": [res]}, "test", "x")[0]
-    assert row.verdict == REPRODUCED and "Gaussian" in row.why and "not learned" in row.why
+    rows = {r.claim_id: r for r in sparsity.scorecard_rows({"reflow": [res]}, "test", "x", SPARSITY_PASSED)}
+    # structureless rows meet both published figures, and so does their null: the rows cannot show learned sparsity
+    assert rows["sparsity.rate"].verdict == INCONCLUSIVE and "Gaussian" in rows["sparsity.rate"].why
+    assert rows["sparsity.gini"].verdict == INCONCLUSIVE
 
 
 def test_planted_sparse_recipes_are_measured_as_sparse_and_uneven():
@@ -146,9 +146,10 @@ def test_planted_sparse_recipes_are_measured_as_sparse_and_uneven():
     assert res.rate_at_2 == pytest.approx(k / S)
     assert res.active_at_2 == pytest.approx(k)
     assert res.gini > 0.9 and res.excess_kurtosis > 5
-    rows = {r.claim_id: r for r in sparsity.scorecard_rows({"reflow": [res]}, "test", "x")}
+    rows = {r.claim_id: r for r in sparsity.scorecard_rows({"reflow": [res]}, "test", "x", SPARSITY_PASSED)}
     assert rows["sparsity.gini"].verdict == NOT_REPRODUCED
     assert rows["sparsity.rate"].verdict == NOT_REPRODUCED  # 6.25% is not 11.38%
+    assert res.top_signal_mass > 0.6  # 8 of 128 signals carry all the mass
 
 
 def test_sparsity_profile_on_a_model_uses_its_recipe_rows():

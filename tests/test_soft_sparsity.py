@@ -158,24 +158,50 @@ def test_ordinary_training_lowers_the_loss_at_constant_rate(family, tmp_path):
         assert torch.allclose(loaded(x)[0], model(x)[0], atol=1e-5)
 
 
-def _metrics(family, cos, mrr, sil):
+def _metrics(family, cos, mrr, sil, spread=0.01):
+    """A variant's metrics with the collapse statistics as intervals of half-width ``spread`` (one seed: a bootstrap
+    over analogies / words; the three↔four pair a point)."""
     from reflow_core.chapters.sparsity_variants import VariantMetrics
+    from reflow_core.experiments.common import Interval
 
+    collapse = {"three↔four cosine": Interval(cos, float("nan"), float("nan"), 1, [cos]),
+                "algebra MRR": Interval(mrr, mrr - spread, mrr + spread, 26, [mrr]),
+                "silhouette": Interval(sil, sil - spread, sil + spread, 40, [sil])}
     return VariantMetrics(family=family, val_loss=3.0, rate=0.0625, active_mean=8.0, active_sd=1.0, rate_at_2=0.1,
                           gini=0.1, three_four=cos, purity=0.5, silhouette=sil, silhouette_p=0.01, mrr=mrr,
-                          paper_hits=1, ms_per_step=10.0, tokens_per_s=1000.0)
+                          paper_hits=1, ms_per_step=10.0, tokens_per_s=1000.0, collapse=collapse)
+
+
+def _structure(passed=True):
+    from reflow_core.scorecard import Control
+
+    return Control("dense reFlow shows the three structures", passed, "planted")
 
 
 def test_soft_sparsity_row_verdicts():
-    from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED
+    """Planted: dense shows the structure, Top-K loses it; RMG keeps it (reproduced) or keeps none of it (not
+    reproduced); a structureless build or a Top-K that loses nothing is not testable; a partial keep is
+    inconclusive."""
+    from reflow_core.scorecard import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED
     from reflow_core.chapters.sparsity_variants import soft_sparsity_row
 
     dense, topk = _metrics("reflow", 0.7, 0.5, 0.1), _metrics("reflow-topk", 0.3, 0.1, -0.02)
     keeps = {"reflow": dense, "reflow-topk": topk, "reflow-rmg": _metrics("reflow-rmg", 0.6, 0.4, 0.08),
              "reflow-routed": _metrics("reflow-routed", 0.2, 0.05, -0.05)}
-    assert soft_sparsity_row(keeps, "paper", "x").verdict == REPRODUCED
-    loses = dict(keeps, **{"reflow-rmg": _metrics("reflow-rmg", 0.6, 0.05, 0.08)})
-    assert soft_sparsity_row(loses, "paper", "x").verdict == NOT_REPRODUCED
+    row = soft_sparsity_row(keeps, "paper", "x", _structure())
+    assert row.verdict == REPRODUCED and row.control.passed
+    loses = dict(keeps, **{"reflow-rmg": _metrics("reflow-rmg", 0.25, 0.05, -0.05)})
+    assert soft_sparsity_row(loses, "paper", "x", _structure()).verdict == NOT_REPRODUCED
+    partly = dict(loses, **{"reflow-rmg": _metrics("reflow-rmg", 0.6, 0.05, 0.08)})
+    assert soft_sparsity_row(partly, "paper", "x", _structure()).verdict == INCONCLUSIVE
+    # the same numbers on a model that shows no structure (its competence gate failed): not testable
+    row = soft_sparsity_row(keeps, "test", "x", _structure(False))
+    assert row.verdict == NOT_TESTABLE and not row.control.passed
+    # Top-K loses nothing (higher than dense on the cosine): nothing to keep, not testable whatever RMG does
     no_collapse = dict(keeps, **{"reflow-topk": _metrics("reflow-topk", 0.8, 0.1, -0.02)})
-    row = soft_sparsity_row(no_collapse, "test", "x")
+    row = soft_sparsity_row(no_collapse, "test", "x", _structure())
     assert row.verdict == NOT_TESTABLE and row.claim_id == "thread.soft_sparsity"
+    assert "Top-K loses the structure (collapse rule, dense vs Top-K): failed" in row.control.detail
+    # differences inside the statistics' spread are no loss either
+    noisy = {n: _metrics(n, m.three_four, m.mrr, m.silhouette, spread=1.0) for n, m in keeps.items()}
+    assert soft_sparsity_row(noisy, "paper", "x", _structure()).verdict == NOT_TESTABLE

@@ -4,20 +4,23 @@ GPT-2-New's embedding and reFlow at initialisation; and the Top-K collapse row (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from reflow_core.chapters import ChapterResult
 from reflow_core.config import get_config
-from reflow_core.experiments import algebra, atlas, galaxy, typo
+from reflow_core.experiments import algebra, atlas, controls, galaxy, typo
 from reflow_core.experiments.common import fmt_group, over_models, seed_interval
 from reflow_core.runs import comparison_models, seeds_label
 from reflow_core.scales import preset_for
+from reflow_core.scorecard import Control, combined
 
 NAME = "semantic"
 TAGS = [("reflow", ""), ("gpt2-new", "_gpt2new"), ("reflow (init)", "_init"), ("reflow-topk", "_topk")]
 COLLAPSE_GROUPS = ("reflow", "reflow-topk")  # the Recipe Atlas is rerun on these for the Top-K collapse row
+CLAIMS = ("galaxy.silhouette", "algebra.hits", "typo.resilience", "topk.collapse")
 
 
 @dataclass(kw_only=True)
@@ -30,6 +33,7 @@ class Result(ChapterResult):
     algebra: dict  # group -> [algebra.AlgebraResult per seed]
     typo: dict  # group -> [typo.TypoResult per seed]
     atlas: dict  # reflow (and reflow-topk) -> [atlas.AtlasResult per seed], for the Top-K collapse row
+    controls: dict  # claim id -> its positive control (reflow_core.experiments.controls)
 
     def to_json(self) -> dict:
         return {
@@ -41,6 +45,7 @@ class Result(ChapterResult):
                             for r in rs] for n, rs in self.algebra.items()},
             "typo": {n: [{m: {"matched": r.mean(m), "random": r.null_mean(m), "p": r.p_value(m)}
                           for m in typo.MEASURES} for r in rs] for n, rs in self.typo.items()},
+            "controls": {claim: dataclasses.asdict(c) for claim, c in self.controls.items()},
         }
 
     def prose(self) -> dict[str, object]:
@@ -79,14 +84,46 @@ class Result(ChapterResult):
         return p
 
 
+def reference_structure(atlas_rs: list, algebra_rs: list, galaxy_rs: list) -> Control:
+    """Dense reFlow's own recipe rows show the three structures the Top-K collapse compares, each against its null on
+    every seed (bars of the matching embedding-row controls in ``assets/controls.json``): three↔four among the most
+    similar random pairs, categories beyond the label-permutation null, algebra beyond random targets."""
+    bars = controls.settings()
+    pct = [r.named_percentile.get("three↔four", float("nan")) for r in atlas_rs]
+    parts = [
+        Control("three↔four near neighbours", all(p >= bars["number_neighbours"]["threshold"] for p in pct),
+                f"percentile {', '.join(f'{p:.1f}' for p in pct)} (bar {bars['number_neighbours']['threshold']:g})"),
+        Control("categories cluster", all(r.p_value < bars["category_clusters"]["alpha"] for r in galaxy_rs),
+                f"permutation p {', '.join(f'{r.p_value:.3f}' for r in galaxy_rs)}"),
+        Control("algebra beats random targets", all(r.p_value < bars["vector_algebra"]["alpha"] for r in algebra_rs),
+                f"MRR p {', '.join(f'{r.p_value:.3f}' for r in algebra_rs)}"),
+    ]
+    return combined("effect: dense reFlow's recipe rows show the structure", parts)
+
+
+def claim_controls(gates: dict, spike_model, atlas_results: dict, algebra_results: dict,
+                   galaxy_results: dict) -> dict[str, Control]:
+    """Each claim's positive control: :data:`reflow_core.experiments.controls.CLAIM_GATES` on the final checkpoints
+    (with the algebra spike-in planted into ``spike_model``); the Top-K collapse also needs dense reFlow's own recipe
+    rows to show the structure (:func:`reference_structure`)."""
+    out = {claim: controls.claim_control(claim, gates, spike_model) for claim in CLAIMS}
+    out["topk.collapse"] = combined(
+        "dense reFlow shows the structure first",
+        [out["topk.collapse"], reference_structure(atlas_results["reflow"], algebra_results["reflow"],
+                                                   galaxy_results["reflow"])])
+    return out
+
+
 def run(scale: str, results_dir=None, *, with_topk: bool = True) -> Result:
     models, labels = comparison_models(scale, results_dir, with_topk=with_topk)
+    gates = controls.final_gates(scale, results_dir)
+    ga, al = over_models(galaxy.semantic_galaxy, models), over_models(algebra.semantic_algebra, models)
+    at = over_models(atlas.recipe_atlas, {k: models[k] for k in COLLAPSE_GROUPS if k in models})
     return Result(
         scale=scale, checkpoint=seeds_label(labels["reflow"]), labels=labels, n_seeds=len(labels["reflow"]),
         n_signals=models["reflow"][0].config.n_signals, topk_k=get_config(preset_for(scale, "reflow-topk")).topk,
-        galaxy=over_models(galaxy.semantic_galaxy, models), algebra=over_models(algebra.semantic_algebra, models),
-        typo=over_models(typo.typo_resilience, models),
-        atlas=over_models(atlas.recipe_atlas, {k: models[k] for k in COLLAPSE_GROUPS if k in models}),
+        galaxy=ga, algebra=al, typo=over_models(typo.typo_resilience, models), atlas=at,
+        controls=claim_controls(gates, models["reflow"][0], at, al, ga),
     )
 
 
@@ -100,8 +137,9 @@ def plot(result: Result) -> dict:
 
 
 def scorecard_rows(result: Result) -> list:
-    scale, checkpoint = result.scale, result.checkpoint
-    return (galaxy.scorecard_rows(result.galaxy, scale, checkpoint)
-            + algebra.scorecard_rows(result.algebra, scale, checkpoint)
-            + typo.scorecard_rows(result.typo, scale, checkpoint)
-            + [algebra.topk_collapse_row(result.atlas, result.algebra, result.galaxy, scale, checkpoint)])
+    scale, checkpoint, c = result.scale, result.checkpoint, result.controls
+    return (galaxy.scorecard_rows(result.galaxy, scale, checkpoint, c["galaxy.silhouette"])
+            + algebra.scorecard_rows(result.algebra, scale, checkpoint, c["algebra.hits"])
+            + typo.scorecard_rows(result.typo, scale, checkpoint, c["typo.resilience"])
+            + [algebra.topk_collapse_row(result.atlas, result.algebra, result.galaxy, scale, checkpoint,
+                                         c["topk.collapse"])])

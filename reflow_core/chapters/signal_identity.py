@@ -3,12 +3,13 @@ Basis Geometry), each statistic against GPT-2-New's embedding rows, reFlow at in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
 from reflow_core.chapters import ChapterResult
-from reflow_core.experiments import atlas, geometry, sparsity
+from reflow_core.experiments import atlas, controls, geometry, sparsity
 from reflow_core.experiments.common import fmt_group, over_models, seed_interval
 from reflow_core.runs import comparison_models, seeds_label
 
@@ -23,6 +24,7 @@ class Result(ChapterResult):
     atlas: dict  # group -> [atlas.AtlasResult per seed]
     sparsity: dict  # group -> [sparsity.SparsityResult per seed]
     geometry: dict  # group -> [geometry.GeometryResult per seed]
+    controls: dict  # claim id -> its positive control (reflow_core.experiments.controls)
     n_seeds: int = 1
 
     def to_json(self) -> dict:
@@ -34,11 +36,13 @@ class Result(ChapterResult):
                       for n, rs in self.atlas.items()},
             "sparsity": {n: [{"rate_at_2": r.rate_at_2, "active_at_2": r.active_at_2, "gini": r.gini,
                               "null_rate_at_2": r.null_rate_at_2, "null_gini": r.null_gini,
-                              "excess_kurtosis": r.excess_kurtosis, "cs": r.cs, "rate": r.rate} for r in rs]
+                              "excess_kurtosis": r.excess_kurtosis, "top_signal_mass": r.top_signal_mass, "cs": r.cs,
+                              "rate": r.rate} for r in rs]
                          for n, rs in self.sparsity.items()},
             "geometry": {n: [{k: {"effective_rank": s.effective_rank, "participation_ratio": s.participation_ratio}
                               for k, s in r.spectra.items()} | {"mean_abs_cos": r.mean_abs_cos} for r in rs]
                          for n, rs in self.geometry.items()},
+            "controls": {claim: dataclasses.asdict(c) for claim, c in self.controls.items()},
         }
 
     def prose(self) -> dict[str, object]:
@@ -89,11 +93,16 @@ class Result(ChapterResult):
 
 def run(scale: str, results_dir=None, *, with_topk: bool = True) -> Result:
     models, labels = comparison_models(scale, results_dir, with_topk=with_topk)
+    reflow = models["reflow"][0]
+    gates = controls.final_gates(scale, results_dir)
+    claim_controls = {claim: controls.claim_control(claim, gates, reflow) for claim in ("atlas.three_four", "atlas.top20")}
+    claim_controls["sparsity.rate"] = controls.spike_sparsity(reflow.config.n_signals)
+    claim_controls["sparsity.gini"] = controls.spike_uneven_usage(reflow.config.n_signals)
     return Result(
         scale=scale, checkpoint=seeds_label(labels["reflow"]), labels=labels, n_seeds=len(labels["reflow"]),
-        n_signals=models["reflow"][0].config.n_signals,
+        n_signals=reflow.config.n_signals,
         atlas=over_models(atlas.recipe_atlas, models), sparsity=over_models(sparsity.sparsity_profile, models),
-        geometry=over_models(geometry.basis_geometry, models),
+        geometry=over_models(geometry.basis_geometry, models), controls=claim_controls,
     )
 
 
@@ -108,5 +117,5 @@ def plot(result: Result) -> dict:
 
 
 def scorecard_rows(result: Result) -> list:
-    return (atlas.scorecard_rows(result.atlas, result.scale, result.checkpoint)
-            + sparsity.scorecard_rows(result.sparsity, result.scale, result.checkpoint))
+    return (atlas.scorecard_rows(result.atlas, result.scale, result.checkpoint, result.controls)
+            + sparsity.scorecard_rows(result.sparsity, result.scale, result.checkpoint, result.controls))

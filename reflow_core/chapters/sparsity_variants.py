@@ -2,11 +2,15 @@
 
 The vocabularies themselves (Top-K, Relative Mean Gating, learned routing) are in :mod:`reflow_core.vocab`; this
 module trains (once per scale, through :mod:`reflow_core.runs`) and measures a model of each at the same activation
-rate with the Signal-identity and Semantic experiments, tables and plots them, and decides the thread's scorecard row.
+rate with the Signal-identity and Semantic experiments, tables and plots them, and decides the thread's scorecard row
+by the one collapse rule of topk.collapse (:func:`reflow_core.experiments.common.collapse_outcome`): a soft variant
+"keeps what Top-K loses" when Top-K is lower than it on all three statistics beyond their spread — and the question
+is asked only where dense reFlow shows the three structures and Top-K loses them (the row's control).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,9 +18,10 @@ import numpy as np
 from reflow_core.chapters import ChapterResult
 from reflow_core.config import get_config
 from reflow_core.experiments import algebra, atlas, galaxy, sparsity
+from reflow_core.experiments.common import Interval, collapse_outcome
 from reflow_core.runs import ensure_model, load_models
-from reflow_core.scales import get_scale, results_dir_for
-from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Row
+from reflow_core.scales import chapter_families, get_scale, results_dir_for
+from reflow_core.scorecard import MET, MISSED, NOT_TESTABLE, STRADDLES, Control, Row, combined, decide
 from reflow_core.vocab.gated import active_per_token, measured_rate, routing_divergence
 
 NAME = "sparsity-variants"
@@ -46,6 +51,7 @@ class VariantMetrics:
     tokens_per_s: float
     routing_divergence: float = float("nan")
     active_counts: list = field(default_factory=list)
+    collapse: dict = field(default_factory=dict)  # the collapse statistics with their spread (algebra.collapse_statistics)
 
     def semantic(self) -> dict[str, float]:
         return dict(zip(SEMANTIC_STATS, (self.three_four, self.mrr, self.silhouette)))
@@ -69,6 +75,7 @@ def variant_metrics(model, family: str, summary: dict, *, n_perm: int = 200, n_n
         paper_hits=sum(1 for _, rank, _ in algebra.paper_ranks(al) if rank is not None and rank <= algebra.HIT_RANK),
         ms_per_step=1000.0 * float(wall) / steps, tokens_per_s=float(summary.get("tokens_per_s") or float("nan")),
         routing_divergence=routing_divergence(model), active_counts=np.bincount(counts.long().numpy()).tolist(),
+        collapse=algebra.collapse_statistics([at], [al], [ga]),
     )
 
 
@@ -82,12 +89,15 @@ class Result(ChapterResult):
     n_steps: int
     tokens_per_step: int
     seed: int
+    controls: dict = field(default_factory=dict)  # claim id -> its positive control
 
     def to_json(self) -> dict:
         return {
             "checkpoints": self.labels,
-            "metrics": {f: {k: v for k, v in m.__dict__.items() if k != "active_counts"}
+            "metrics": {f: {k: (v if k != "collapse" else {n: dataclasses.asdict(i) for n, i in v.items()})
+                            for k, v in m.__dict__.items() if k != "active_counts"}
                         for f, m in self.metrics.items()},
+            "controls": {claim: dataclasses.asdict(c) for claim, c in self.controls.items()},
         }
 
     def prose(self) -> dict[str, object]:
@@ -95,6 +105,11 @@ class Result(ChapterResult):
              "target_rate": f"{self.target_rate:.4f}", "n_steps": self.n_steps,
              "tokens_per_step": f"{self.tokens_per_step:,}", "seed": self.seed}
         for f, tag in TAGS.items():
+            if f not in self.metrics:  # not trained at this scale (its `families` budget): the text says so
+                for key in ("val", "rate", "active", "cos", "mrr", "hits", "sil", "silp", "gini", "ms"):
+                    p[f"{key}_{tag}"] = "n/a"
+                p[f"val_{tag}"] = f"not trained at scale {self.scale}"
+                continue
             m = self.metrics[f]
             p[f"val_{tag}"] = f"{m.val_loss:.3f}"
             p[f"rate_{tag}"] = f"{m.rate:.4f}"
@@ -106,25 +121,33 @@ class Result(ChapterResult):
             p[f"silp_{tag}"] = f"{m.silhouette_p:.3f}"
             p[f"gini_{tag}"] = f"{m.gini:.3f}"
             p[f"ms_{tag}"] = f"{m.ms_per_step:.0f}"
-        p["div_routed"] = f"{100 * self.metrics['reflow-routed'].routing_divergence:.1f}%"
+        p["div_routed"] = (f"{100 * self.metrics['reflow-routed'].routing_divergence:.1f}%"
+                           if "reflow-routed" in self.metrics else "n/a (not trained at this scale)")
         return p
 
 
 def run(scale: str, results_dir=None, *, families=VARIANTS) -> Result:
-    """Train (once) and measure every variant at the scale's first training seed."""
+    """Train (once) and measure every variant at the scale's first training seed; the claim's control is dense
+    reFlow's three structures (:data:`reflow_core.experiments.controls.CLAIM_GATES`)."""
+    from reflow_core.experiments import controls
+
     results_dir = results_dir_for(scale, results_dir)
+    claim_control = controls.claim_control("thread.soft_sparsity",
+                                           controls.final_gates(scale, results_dir, families=("reflow",)))
     spec = get_scale(scale)
+    families = chapter_families(scale, "sparsity_variants", families)  # what the scale trains of them
     summaries = {f: ensure_model(scale, f, results_dir) for f in families}
     models, labels = {}, {}
     for f in families:
         ms, ls = load_models(scale, f, results_dir, seeds=spec.seeds[:1])
         models[f], labels[f] = ms[0], ls[0]
-    cfg = {f: get_config(f"{f}@{spec.size}") for f in families}
+    cfg = {f: get_config(f"{f}@{spec.size}") for f in VARIANTS}  # configurations only: nothing is trained here
     return Result(
         scale=scale, checkpoint=", ".join(labels.values()), labels=labels,
         metrics={f: variant_metrics(models[f], f, summaries[f]) for f in families},
         n_signals=cfg["reflow"].n_signals, topk_k=cfg["reflow-topk"].topk, target_rate=cfg["reflow-rmg"].target_rate,
-        n_steps=spec.train["max_steps"], tokens_per_step=spec.train["tokens_per_step"], seed=spec.seeds[0],
+        n_steps=summaries[families[0]]["steps"], tokens_per_step=spec.train["tokens_per_step"], seed=spec.seeds[0],
+        controls={"thread.soft_sparsity": claim_control},
     )
 
 
@@ -174,36 +197,50 @@ def plot(result: Result) -> dict:
 
 
 def scorecard_rows(result: Result) -> list[Row]:
-    return [soft_sparsity_row(result.metrics, result.scale, result.checkpoint)]
+    return [soft_sparsity_row(result.metrics, result.scale, result.checkpoint,
+                              result.controls["thread.soft_sparsity"])]
 
 
-def soft_sparsity_row(metrics: dict[str, VariantMetrics], scale: str, checkpoint: str):
+def _fmt(stats: dict[str, Interval]) -> str:
+    spec = {"three↔four cosine": ".2f", "algebra MRR": ".3f", "silhouette": "+.3f"}
+    return ", ".join(f"{k.split()[0]} {stats[k].fmt(v)}" for k, v in spec.items())
+
+
+def soft_sparsity_row(metrics: dict[str, VariantMetrics], scale: str, checkpoint: str, structure: Control) -> Row:
     """thread.soft_sparsity: does a soft mechanism keep the semantic statistics that Top-K loses?
 
-    Testable only where Top-K does lose them (worse than dense reFlow on all three of three↔four cosine, algebra MRR
-    and silhouette); then reproduced when RMG or routing is better than Top-K on all three.
+    The one collapse rule (:func:`reflow_core.experiments.common.collapse_outcome`, as topk.collapse) twice:
+
+    * **control** — dense reFlow shows the three structures (``structure``: its competence gates) *and* Top-K loses
+      them (Top-K lower than dense on all three beyond their spread); without a loss there is nothing to keep, and the
+      row is not testable at this scale whatever the soft variants do;
+    * **outcome** — for each soft variant, is Top-K lower than *it* on all three (the soft variant kept the
+      structure)?  Any soft variant that keeps all three → met; none keeps any → missed; otherwise straddles.
     """
-    ref, hard = metrics["reflow"].semantic(), metrics["reflow-topk"].semantic()
-    soft = {n: metrics[n].semantic() for n in ("reflow-rmg", "reflow-routed") if n in metrics}
-    lost = [k for k in SEMANTIC_STATS if hard[k] < ref[k]]
-    kept = {n: [k for k in SEMANTIC_STATS if s[k] > hard[k]] for n, s in soft.items()}
-
-    def fmt(s):
-        return f"cos {s['three↔four cos']:.2f}, MRR {s['algebra MRR']:.4f}, sil {s['silhouette']:+.3f}"
-
-    ours = (f"reflow {fmt(ref)}; topk {fmt(hard)}; "
-            + "; ".join(f"{n.removeprefix('reflow-')} {fmt(s)} (rate {metrics[n].rate:.3f})" for n, s in soft.items()))
+    if "reflow-topk" not in metrics or "reflow" not in metrics:
+        return Row(claim_id="thread.soft_sparsity", ours="—", verdict=NOT_TESTABLE,
+                   why="reflow or reflow-topk was not trained at this scale", scale=scale, checkpoint=checkpoint,
+                   control=structure)
+    dense, hard = metrics["reflow"].collapse, metrics["reflow-topk"].collapse
+    topk_loss, lost = collapse_outcome(dense, hard)
+    loses = Control("Top-K loses the structure (collapse rule, dense vs Top-K)", topk_loss == MET,
+                    f"Top-K lower than dense reFlow on {len(lost)}/3 beyond their spread"
+                    + (f" ({', '.join(lost)})" if lost else ""))
+    control = combined("dense reFlow shows the structure + Top-K loses it", [structure, loses])
+    soft = {n: metrics[n].collapse for n in ("reflow-rmg", "reflow-routed") if n in metrics}
+    kept = {n: collapse_outcome(s, hard) for n, s in soft.items()}
+    outcomes = [o for o, _ in kept.values()]
+    outcome = MET if MET in outcomes else MISSED if outcomes and all(o == MISSED for o in outcomes) else STRADDLES
+    ours = (f"dense {_fmt(dense)}; Top-K {_fmt(hard)}; "
+            + "; ".join(f"{n.removeprefix('reflow-')} {_fmt(s)} (rate {metrics[n].rate:.3f})" for n, s in soft.items()))
     if not soft:
         verdict, why = NOT_TESTABLE, "no soft variant was trained at this scale"
-    elif len(lost) < len(SEMANTIC_STATS):
-        verdict = NOT_TESTABLE
-        why = (f"Top-K loses only {len(lost)}/3 of the statistics here, so there is no collapse for a soft mechanism "
-               "to avoid")
     else:
-        best = max(kept, key=lambda n: len(kept[n]))
-        held = len(kept[best]) == len(SEMANTIC_STATS)
-        verdict = REPRODUCED if held else NOT_REPRODUCED
-        why = (f"reproduced = a soft variant beats Top-K on all three statistics at the same activation rate; best "
-               f"{best.removeprefix('reflow-')}: better on {len(kept[best])}/3")
-    return Row(claim_id="thread.soft_sparsity",
-               ours=ours, verdict=verdict, why=why, scale=scale, checkpoint=checkpoint)
+        verdict = decide(outcome, control) if control.passed else NOT_TESTABLE
+        why = ("criterion (the topk.collapse rule): Top-K lower than a soft variant on all three statistics beyond "
+               "their spread (one training seed: bootstrap over analogies / words, the three↔four pair a point); "
+               + "; ".join(f"{n.removeprefix('reflow-')} keeps {len(k)}/3" for n, (_, k) in kept.items())
+               + ("" if control.passed else "; testable only where dense reFlow shows the structure and Top-K loses "
+                  "it, which this build does not"))
+    return Row(claim_id="thread.soft_sparsity", ours=ours, verdict=verdict, why=why, scale=scale,
+               checkpoint=checkpoint, control=control)

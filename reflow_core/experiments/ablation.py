@@ -11,8 +11,15 @@ knock out the top-k, k = 1, 2, 4, 8, … :
 
 Null: k signals drawn at random (many draws); we report where the top-k knock-out falls in that distribution.  The
 codebook of a signal j is the set of tokens it promotes most when active with the sign it has here: the largest
-sign(s_j)·W_recipe[v, j].  The seed found a function-word channel; the null is the function-word share of the
-codebooks of random signals.
+sign(s_j)·W_recipe[v, j], **the target itself left out** (the signal was chosen for carrying the target, so finding
+the target in its codebook would be selection, not a finding).  The seed found a function-word channel; the null is
+the function-word share of the codebooks of random signals.
+
+The target is the **expected answer** (" Paris" after "The capital of France is"), as in the seed, not the model's
+own top-1 (at small scales " the"): the claim is that one signal carries a fact.  The scorecard rows
+(:func:`scorecard_rows`) are measured over the factual prompts the model recalls — the expected answer among its
+top-k next tokens (k of the ``factual_recall`` control) — with a bootstrap over prompts; their positive control is
+that reFlow recalls enough of them (``factual_recall``).
 """
 
 from __future__ import annotations
@@ -25,14 +32,17 @@ import torch
 import torch.nn.functional as F
 
 from reflow_core import tokenizer
-from reflow_core.experiments.common import Interval, seed_interval
-from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
-from reflow_core.hooks import encode_prompt, layer_hook_name, n_states
+from reflow_core.experiments.common import Interval, own_mask, seed_interval
+from reflow_core.experiments.evolution import prompt_bootstrap
+from reflow_core.scorecard import MET, NOT_TESTABLE, STRADDLES, Control, Row, against, criterion, decide
+from reflow_core.hooks import encode_prompt, last_logits, layer_hook_name, n_states
 from reflow_core.stimuli import load_stimuli
 
 PAPER_PROMPT = "The capital of France is"
 PAPER_TARGET = " Paris"
-FOLD_FOR_COLLAPSE = 10.0  # a single knock-out "collapses" the target when it divides p by at least this
+FOLD_FOR_COLLAPSE = 10.0  # a single knock-out "collapses" the target when it divides p by at least this (the figure)
+BEYOND_RANDOM = 0.95  # the top signal's knock-out must beat this share of random single-signal knock-outs (median)
+RECALL_TOP_K = 10  # a prompt is "recalled" when its expected answer is among the model's top-k next tokens
 
 
 def function_words() -> set[str]:
@@ -59,10 +69,14 @@ def final_readout(model, prompt: str) -> torch.Tensor:
     return model.signal_readout(h)
 
 
+def readout_logits(model, s: torch.Tensor) -> torch.Tensor:
+    """Logits over GPT-2 ids (padding excluded) of read-outs s (…, S) through W_recipe."""
+    return model.vocab.expand(s @ model.vocab.recipe_matrix().t())[..., : model.config.real_vocab_size]
+
+
 def target_probs(model, s: torch.Tensor, target: int) -> torch.Tensor:
     """p(target) for a batch of read-outs (…, S) through W_recipe (padding ids excluded)."""
-    R = model.vocab.recipe_matrix()[: model.config.real_vocab_size]
-    return F.softmax((s @ R.t()).float(), dim=-1)[..., target]
+    return F.softmax(readout_logits(model, s).float(), dim=-1)[..., target]
 
 
 def random_masks(n: int, k: int, S: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,9 +86,13 @@ def random_masks(n: int, k: int, S: int, generator: torch.Generator) -> torch.Te
 
 
 @torch.no_grad()
-def codebook(model, signal: int, sign: float = 1.0, n: int = 6) -> list[str]:
-    """The ``n`` real-vocabulary tokens with the largest sign·W_recipe[v, signal]."""
-    col = model.vocab.recipe_matrix()[: model.config.real_vocab_size, signal] * (1.0 if sign >= 0 else -1.0)
+def codebook(model, signal: int, sign: float = 1.0, n: int = 6, exclude=()) -> list[str]:
+    """The ``n`` tokens with the largest sign·W_recipe[v, signal] among those with rows of their own, the ids in
+    ``exclude`` left out."""
+    col = model.vocab.by_id(model.vocab.recipe_matrix()[:, signal]).float() * (1.0 if sign >= 0 else -1.0)
+    col[~own_mask(model)] = -float("inf")
+    if len(exclude):
+        col[torch.as_tensor(list(exclude), dtype=torch.long)] = -float("inf")
     return [tokenizer.decode([i]) for i in col.topk(n).indices.tolist()]
 
 
@@ -94,9 +112,9 @@ class AblationResult:
     p_random: np.ndarray  # (len(ks), n_random) p(target) after k random signals
     p_top_residual: list[float] = field(default_factory=list)  # residual mode (if run)
     p_random_residual: np.ndarray | None = None
-    codebook: list[str] = field(default_factory=list)  # of the top signal
+    codebook: list[str] = field(default_factory=list)  # of the top signal, the target left out
     codebook_function_share: float = 0.0
-    null_function_share: float = 0.0  # mean share over random signals' codebooks
+    null_function_share: float = 0.0  # mean share over random signals' codebooks (the target left out too)
 
     @property
     def fold_drop_1(self) -> float:
@@ -135,14 +153,14 @@ def residual_knockout_prob(model, prompt: str, signals: list[int], target: int) 
 def causal_ablation(model, prompt: str = PAPER_PROMPT, target_id: int | None = None, *, ks: list[int] | None = None,
                     n_random: int = 200, residual: bool = False, n_random_residual: int = 10, n_null_codebooks: int = 64,
                     seed: int = 0) -> AblationResult:
-    """Experiment 9 for one prompt; target = the model's final top-1 unless given."""
+    """Experiment 9 for one prompt; target = the model's final top-1 unless given (the chapter gives the expected
+    answer).  Codebooks leave the target out."""
     S = model.config.n_signals
     ks = default_ks(S) if ks is None else ks
     s = final_readout(model, prompt)
-    R = model.vocab.recipe_matrix()[: model.config.real_vocab_size]
     if target_id is None:
-        target_id = int((s @ R.t()).argmax())
-    c = s * R[target_id]
+        target_id = int(readout_logits(model, s).argmax())
+    c = s * model.vocab.recipe_matrix()[model.vocab.rows_of(torch.tensor(target_id))]
     order = c.argsort(descending=True)
     p_before = float(target_probs(model, s, target_id))
     g = torch.Generator().manual_seed(seed)
@@ -154,9 +172,10 @@ def causal_ablation(model, prompt: str = PAPER_PROMPT, target_id: int | None = N
         masks = random_masks(n_random, k, S, g)
         p_rand.append(target_probs(model, s * ~masks, target_id).cpu().numpy())
     top = int(order[0])
-    book = codebook(model, top, float(s[top]))
+    book = codebook(model, top, float(s[top]), exclude=[target_id])
     rand_sig = torch.randint(S, (n_null_codebooks,), generator=g).tolist()
-    null_share = float(np.mean([function_share(codebook(model, j, float(s[j]))) for j in rand_sig]))
+    null_share = float(np.mean([function_share(codebook(model, j, float(s[j]), exclude=[target_id]))
+                                for j in rand_sig]))
     result = AblationResult(
         prompt=prompt, target=target_id, target_token=tokenizer.decode([target_id]), p_before=p_before, ks=list(ks),
         order=order.tolist(), p_top=p_top, p_random=np.stack(p_rand), codebook=book,
@@ -171,25 +190,47 @@ def causal_ablation(model, prompt: str = PAPER_PROMPT, target_id: int | None = N
     return result
 
 
-def fold_over_seeds(models: list, prompt: str = PAPER_PROMPT, n_random: int = 50) -> Interval:
-    """log10 of the single-signal fold drop on ``prompt`` (each model's own top-1) over training seeds."""
-    return seed_interval([math.log10(causal_ablation(m, prompt, ks=[1], n_random=n_random, n_null_codebooks=4).fold_drop_1)
-                          for m in models])
+def fold_over_seeds(models: list, prompt: str = PAPER_PROMPT, target: str = PAPER_TARGET,
+                    n_random: int = 50) -> Interval:
+    """log10 of the single-signal fold drop of ``target`` on ``prompt`` over training seeds."""
+    tid = tokenizer.single_token_id(target)
+    return seed_interval([math.log10(causal_ablation(m, prompt, tid, ks=[1], n_random=n_random,
+                                                     n_null_codebooks=4).fold_drop_1) for m in models])
 
 
-def ablation_over_prompts(model, items: list[dict], *, n_random: int = 100, seed: int = 0) -> dict:
-    """Single-signal knock-out of each prompt's decision (model's top-1): fold drop vs random, per prompt."""
-    folds, rand_folds, pct, shares = [], [], [], []
+@torch.no_grad()
+def answer_rank(model, prompt: str, target: int) -> int:
+    """Rank (1 = top) of ``target`` in the model's next-token output after ``prompt``."""
+    logits = last_logits(model, encode_prompt(model, prompt))[0, : model.config.real_vocab_size]
+    return int((logits > logits[target]).sum()) + 1
+
+
+def ablation_over_prompts(model, items: list[dict], *, n_random: int = 100, seed: int = 0,
+                          recall_top_k: int = RECALL_TOP_K) -> dict:
+    """Single-signal knock-out of each factual prompt's *expected answer*, on the prompts the model recalls (answer
+    among its top ``recall_top_k``): fold drop vs random single signals, and the top signal's codebook (target left
+    out) with its function-word share vs random signals'."""
+    out = {k: [] for k in ("prompts", "targets", "index", "rank", "fold_top1", "fold_random_median", "beyond_random",
+                           "codebook", "codebook_function_share", "null_function_share")}
     for i, it in enumerate(items):
-        r = causal_ablation(model, it["prompt"], ks=[1], n_random=n_random, n_null_codebooks=8, seed=seed + i)
-        folds.append(r.fold_drop_1)
-        rand_folds.append(float(np.median(r.p_before / np.maximum(r.p_random[0], 1e-12))))
-        pct.append(r.beyond_random_1)
-        shares.append(r.codebook_function_share)
-    return {"prompts": [it["prompt"] for it in items], "fold_top1": folds, "fold_random_median": rand_folds,
-            "beyond_random": pct, "codebook_function_share": shares,
-            "median_fold_top1": float(np.median(folds)), "median_fold_random": float(np.median(rand_folds)),
-            "frac_collapse": float(np.mean(np.array(folds) >= FOLD_FOR_COLLAPSE))}
+        target = tokenizer.single_token_id(it["target"])
+        rank = answer_rank(model, it["prompt"], target)
+        if rank > recall_top_k:
+            continue
+        r = causal_ablation(model, it["prompt"], target, ks=[1], n_random=n_random, n_null_codebooks=8, seed=seed + i)
+        for key, value in (("prompts", it["prompt"]), ("targets", it["target"]), ("index", i), ("rank", rank),
+                           ("fold_top1", r.fold_drop_1),
+                           ("fold_random_median", float(np.median(r.p_before / np.maximum(r.p_random[0], 1e-12)))),
+                           ("beyond_random", r.beyond_random_1), ("codebook", r.codebook),
+                           ("codebook_function_share", r.codebook_function_share),
+                           ("null_function_share", r.null_function_share)):
+            out[key].append(value)
+    n = len(out["fold_top1"])
+    out.update(n_items=len(items), n_recalled=n, recall_top_k=recall_top_k,
+               median_fold_top1=float(np.median(out["fold_top1"])) if n else float("nan"),
+               median_fold_random=float(np.median(out["fold_random_median"])) if n else float("nan"),
+               frac_collapse=float(np.mean(np.array(out["fold_top1"]) >= FOLD_FOR_COLLAPSE)) if n else float("nan"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,31 +258,80 @@ def plot_ablation(result: AblationResult):
     return fig
 
 
-def scorecard_rows(paper_prompt: AblationResult, over_prompts: dict, scale: str, checkpoint: str,
-                   paris: AblationResult | None = None) -> list[Row]:
+def _pooled(over_seeds: list[dict], key: str) -> list[tuple[int, float]]:
+    """(prompt index, value) of ``key`` over every seed's :func:`ablation_over_prompts`: records for a bootstrap that
+    resamples prompts."""
+    return [(i, float(v)) for o in over_seeds for i, v in zip(o["index"], o[key])]
+
+
+def scorecard_rows(paper_prompt: AblationResult, over_seeds: list[dict], scale: str, checkpoint: str,
+                   controls: dict[str, Control]) -> list[Row]:
+    """ablation.single and ablation.codebook over the factual prompts the model recalls (``over_seeds``: one
+    :func:`ablation_over_prompts` per training seed), target = the expected answer, each with a bootstrap over
+    prompts against its registered criterion; ``paper_prompt`` (the seed's prompt and " Paris") is reported beside
+    them.  ``controls`` (claim id → its positive control): reFlow recalls the expected answers (``factual_recall``).
+
+    * single: the median fold drop must reach the threshold and the top signal's knock-out must beat
+      :data:`BEYOND_RANDOM` of random single-signal knock-outs (median over prompts); where random single signals
+      alone reach the threshold (median), the null meets the figure.
+    * codebook: the mean function-word share of the top signals' codebooks (target left out) against the threshold;
+      where random signals' codebooks reach it, the null meets the figure."""
     r = paper_prompt
-    fold = r.fold_drop_1
-    collapse = fold >= FOLD_FOR_COLLAPSE and r.beyond_random_1 >= 0.95
-    paris_text = ""
-    if paris is not None:
-        paris_text = f"; p(' Paris') {100 * paris.p_before:.3g}% → {100 * paris.p_top[0]:.3g}%"
+    n_items = over_seeds[0]["n_items"]
+    n_recalled = [o["n_recalled"] for o in over_seeds]
+    k = over_seeds[0]["recall_top_k"]
+    recall = f"{'/'.join(map(str, n_recalled))} of {n_items} factual prompts recalled (answer in the top {k})"
+    paper_txt = (f"{r.prompt!r}: p({r.target_token!r}) {100 * r.p_before:.3g}% → {100 * r.p_top[0]:.3g}% "
+                 f"(÷{r.fold_drop_1:.3g}; random single signal: median ÷"
+                 f"{float(np.median(r.p_before / np.maximum(r.p_random[0], 1e-12))):.3g})")
+    book_txt = "{" + ", ".join(t.strip() or repr(t) for t in r.codebook) + "}"
+    folds = _pooled(over_seeds, "fold_top1")
+    if not folds:
+        why = f"no factual prompt's expected answer is among the model's top {k}: there is no recalled fact to ablate"
+        return [Row(claim_id="ablation.single", ours=f"{recall}; {paper_txt}", verdict=NOT_TESTABLE, why=why,
+                    scale=scale, checkpoint=checkpoint, control=controls["ablation.single"]),
+                Row(claim_id="ablation.codebook", ours=f"{recall}; {book_txt} on the seed's prompt",
+                    verdict=NOT_TESTABLE, why=why, scale=scale, checkpoint=checkpoint,
+                    control=controls["ablation.codebook"])]
+    n_seeds = len(over_seeds)
+
+    control = controls["ablation.single"]
+    crit = criterion("ablation.single")
+    est, lo, hi = prompt_bootstrap(folds)
+    lo, hi = (est, est) if not np.isfinite(lo) else (lo, hi)
+    beyond = float(np.median([v for _, v in _pooled(over_seeds, "beyond_random")]))
+    random_fold = float(np.median([v for _, v in _pooled(over_seeds, "fold_random_median")]))
+    outcome = against(lo, hi, crit["threshold"], crit["direction"])
+    if outcome == MET and beyond < BEYOND_RANDOM:
+        outcome = STRADDLES
+    null_meets = random_fold >= crit["threshold"]
     rows = [Row(
         claim_id="ablation.single",
-        ours=(f"{r.prompt!r}: p({r.target_token!r}) {100 * r.p_before:.3g}% → {100 * r.p_top[0]:.3g}% "
-              f"(÷{fold:.3g}; random single signal: median ÷"
-              f"{float(np.median(r.p_before / np.maximum(r.p_random[0], 1e-12))):.3g}){paris_text}; "
-              f"{len(over_prompts['fold_top1'])} prompts: median ÷{over_prompts['median_fold_top1']:.3g}"),
-        verdict=REPRODUCED if collapse else NOT_REPRODUCED,
-        why=(f"collapse = ≥{FOLD_FOR_COLLAPSE:g}-fold drop from one signal, larger than 95% of random single-signal "
-             f"knock-outs (null); target = the model's own top-1"),
-        scale=scale, checkpoint=checkpoint,
+        ours=(f"{recall}: median ÷{est:.3g} [{lo:.3g}, {hi:.3g}] (random single signal: median ÷{random_fold:.3g}; "
+              f"top signal beats {100 * beyond:.0f}% of random ones); {paper_txt}"),
+        verdict=decide(outcome, control, null_meets_paper=null_meets),
+        why=(f"criterion: median fold drop of the expected answer ≥ {crit['threshold']:g} when its top contributing "
+             f"signal is knocked out, beyond {100 * BEYOND_RANDOM:.0f}% of random single signals; 95% bootstrap over "
+             f"prompts, {n_seeds} seed(s)"
+             + (f"; random single signals alone reach ÷{random_fold:.3g}" if null_meets else "")),
+        scale=scale, checkpoint=checkpoint, control=control,
     )]
-    fw = r.codebook_function_share
+
+    control = controls["ablation.codebook"]
+    crit = criterion("ablation.codebook")
+    est, lo, hi = prompt_bootstrap(_pooled(over_seeds, "codebook_function_share"), stat=np.mean)
+    lo, hi = (est, est) if not np.isfinite(lo) else (lo, hi)
+    null = float(np.mean([v for _, v in _pooled(over_seeds, "null_function_share")]))
     rows.append(Row(
         claim_id="ablation.codebook",
-        ours="{" + ", ".join(t.strip() or repr(t) for t in r.codebook) + "}" + f" ({100 * fw:.0f}% function words)",
-        verdict=REPRODUCED if fw >= 0.5 and fw > r.null_function_share else NOT_REPRODUCED,
-        why=f"function-word share vs {100 * r.null_function_share:.0f}% in codebooks of random signals (null)",
-        scale=scale, checkpoint=checkpoint,
+        ours=(f"{100 * est:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] function words in the top signals' codebooks over "
+              f"{sum(n_recalled)} recalled prompt×seed (random signals {100 * null:.0f}%); seed's prompt: {book_txt} "
+              f"({100 * r.codebook_function_share:.0f}%)"),
+        verdict=decide(against(lo, hi, crit["threshold"], crit["direction"]), control,
+                       null_meets_paper=null >= crit["threshold"]),
+        why=(f"criterion: function-word share of the top-6 codebook of the signal that carries the expected answer, "
+             f"the answer itself left out, ≥ {100 * crit['threshold']:.0f}%; 95% bootstrap over prompts; random "
+             f"signals' codebooks give {100 * null:.0f}%"),
+        scale=scale, checkpoint=checkpoint, control=control,
     ))
     return rows

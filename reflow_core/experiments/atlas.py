@@ -24,13 +24,11 @@ import numpy as np
 import torch
 
 from reflow_core.stimuli import category_ids, load_words, token_str
-from reflow_core.experiments.common import cosine_matrix, nearest, seed_interval, vocab_rows
-from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
+from reflow_core.experiments.common import cosine_matrix, nearest, own_mask, seed_interval, vocab_rows
+from reflow_core.scorecard import MET, MISSED, STRADDLES, Control, Row, against, criterion, decide
 
 PAPER_THREE_FOUR = 0.7551
 TOP_PAIRS = 20
-THREE_FOUR_MIN = 0.5  # "high cosine": at least this, and beyond the 99th percentile of random pairs
-RANDOM_PAIR_PERCENTILE = 99.0
 
 
 @dataclass
@@ -58,10 +56,11 @@ def _is_variant(a: str, b: str) -> bool:
     return a.strip().lower() == b.strip().lower()
 
 
-def curated(categories: dict[str, list[str]] | None = None):
-    """(words, labels, ids, dropped) from the curated category lists, single-token words only."""
+def curated(categories: dict[str, list[str]] | None = None, vocab=None):
+    """(words, labels, ids, dropped) from the curated category lists: single-token words only, and (given a model's
+    ``vocab``) only words with a row of their own in it."""
     categories = load_words("categories")["categories"] if categories is None else categories
-    per_cat, dropped = category_ids(categories)
+    per_cat, dropped = category_ids(categories, vocab)
     words, labels, ids = [], [], []
     for cat, wids in per_cat.items():
         for w, i in wids.items():
@@ -81,7 +80,9 @@ def recipe_atlas(model, categories: dict[str, list[str]] | None = None, named_pa
                  rows: torch.Tensor | None = None) -> AtlasResult:
     """The atlas statistics for one model (recipe rows; embedding rows for a tied model; or explicit ``rows``)."""
     rows = vocab_rows(model) if rows is None else rows.float()
-    words, labels, ids, dropped = curated(categories)
+    words, labels, ids, dropped = curated(categories, model.vocab)
+    own = own_mask(model)
+    own_ids = own.nonzero().squeeze(1)
     named_pairs = load_words("categories")["named_pairs"] if named_pairs is None else named_pairs
     ids_t = torch.tensor(ids)
     C = cosine_matrix(rows[ids_t]).numpy()
@@ -100,8 +101,8 @@ def recipe_atlas(model, categories: dict[str, list[str]] | None = None, named_pa
     top_pairs = [(words[iu[0][o]], words[iu[1][o]], float(C[iu][o]), bool(same[iu[0][o], iu[1][o]])) for o in order]
     # named pairs against random vocabulary pairs
     g = torch.Generator().manual_seed(seed)
-    a = torch.randint(0, rows.shape[0], (n_random_pairs,), generator=g)
-    b = torch.randint(0, rows.shape[0], (n_random_pairs,), generator=g)
+    a = own_ids[torch.randint(0, own_ids.numel(), (n_random_pairs,), generator=g)]
+    b = own_ids[torch.randint(0, own_ids.numel(), (n_random_pairs,), generator=g)]
     keep = a != b
     U = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
     rand = (U[a[keep]] * U[b[keep]]).sum(1).numpy()
@@ -109,13 +110,13 @@ def recipe_atlas(model, categories: dict[str, list[str]] | None = None, named_pa
     for pair in named_pairs:
         w1, w2 = pair[0], pair[1]
         i1, i2 = (tokenizer_id(w) for w in (w1, w2))
-        if i1 is None or i2 is None:
+        if i1 is None or i2 is None or not bool(own[i1] and own[i2]):
             continue
         c = float((U[i1] * U[i2]).sum())
         named[pair_name(w1, w2)] = c
         pct[pair_name(w1, w2)] = float(100 * np.mean(rand < c))
     # whole-vocabulary neighbours of each curated word
-    vals, idx = nearest(rows, rows[ids_t], n_vocab_neighbours, exclude=[[i] for i in ids])
+    vals, idx = nearest(rows, rows[ids_t], n_vocab_neighbours, exclude=[[i] for i in ids], allowed=own)
     id_to_word = dict(zip(ids, words))
     vocab_nn, valid = {}, []
     for q, w in enumerate(words):
@@ -222,34 +223,44 @@ def plot_purity(results: dict[str, list[AtlasResult]]):
     return fig
 
 
-def scorecard_rows(results: dict[str, list[AtlasResult]], scale: str, checkpoint: str) -> list[Row]:
-    """atlas.three_four and atlas.top20 from the ``reflow`` group, judged against ``gpt2-new`` and ``reflow (init)``."""
+def scorecard_rows(results: dict[str, list[AtlasResult]], scale: str, checkpoint: str,
+                   controls: dict[str, Control]) -> list[Row]:
+    """atlas.three_four and atlas.top20 from the ``reflow`` group's recipe rows, against the registered criteria;
+    ``controls`` gives each claim's positive control (a model at this scale shows the effect in its E, and the
+    test finds a planted three↔four)."""
     rs = results["reflow"]
+    bar = criterion("atlas.three_four")["threshold"]
     tf = seed_interval([r.named.get("three↔four", float("nan")) for r in rs])
     pct = seed_interval([r.named_percentile.get("three↔four", float("nan")) for r in rs])
     others = ", ".join(f"{p} {seed_interval([r.named[p] for r in rs]).fmt('.2f')}" for p in rs[0].named if p != "three↔four")
     base = {name: seed_interval([r.named.get("three↔four", float("nan")) for r in results[name]]).mean
             for name in results if name != "reflow"}
     base_txt = "; ".join(f"{n} {v:.2f}" for n, v in base.items())
-    held = tf.mean >= THREE_FOUR_MIN and pct.mean >= RANDOM_PAIR_PERCENTILE
+    lo, hi = (tf.lo, tf.hi) if tf.n > 1 else (tf.mean, tf.mean)
+    outcomes = {against(lo, hi, bar["cosine"]), against(pct.mean, pct.mean, bar["percentile"])}
+    outcome = MISSED if MISSED in outcomes else STRADDLES if STRADDLES in outcomes else MET
+    control = controls["atlas.three_four"]
     rows = [Row(
         claim_id="atlas.three_four",
         ours=f"three↔four {tf.fmt('.2f')} ({pct.mean:.1f}th pct of random pairs); {others}",
-        verdict=REPRODUCED if held else NOT_REPRODUCED,
-        why=(f"criterion: cos ≥ {THREE_FOUR_MIN} and above the {RANDOM_PAIR_PERCENTILE:g}th percentile of random "
+        verdict=decide(outcome, control),
+        why=(f"criterion: cos ≥ {bar['cosine']} and above the {bar['percentile']:g}th percentile of random "
              f"vocabulary pairs; baselines three↔four: {base_txt}; {len(rs)} seed(s)"),
-        scale=scale, checkpoint=checkpoint,
+        scale=scale, checkpoint=checkpoint, control=control,
     )]
+    top = criterion("atlas.top20")["threshold"]
     valid = seed_interval([r.top_pairs_valid for r in rs])
     chance = TOP_PAIRS * rs[0].chance
     base_valid = "; ".join(f"{n} {seed_interval([r.top_pairs_valid for r in results[n]]).mean:.1f}/20"
                            for n in results if n != "reflow")
+    lo, hi = (valid.lo, valid.hi) if valid.n > 1 else (valid.mean, valid.mean)
+    control = controls["atlas.top20"]
     rows.append(Row(
         claim_id="atlas.top20",
         ours=f"{valid.fmt('.1f')}/20 same-category (chance {chance:.1f}/20)",
-        verdict=REPRODUCED if valid.mean >= TOP_PAIRS else NOT_REPRODUCED,
-        why=(f"top-20 cosine pairs among {len(rs[0].words)} curated single-token words, valid = same category; "
-             f"baselines: {base_valid}"),
-        scale=scale, checkpoint=checkpoint,
+        verdict=decide(against(lo, hi, top), control),
+        why=(f"criterion: ≥ {top}/20 of the top-20 cosine pairs among {len(rs[0].words)} curated single-token words "
+             f"are same-category; baselines: {base_valid}"),
+        scale=scale, checkpoint=checkpoint, control=control,
     ))
     return rows

@@ -12,7 +12,14 @@ the median over all prompts of the smallest α that flips at layer 0 (bisection 
 :func:`reflow_core.experiments.inception.batched_critical_alpha`), times ``margin``.  The **boundary** of a prompt is
 the last layer state at which it still flips (undefined when it never flips, or when the model already predicts the
 alternative without injection); we report it per prompt, as a fraction of depth (l / L), its distribution per set and
-a two-sided Mann–Whitney U test of short vs long.
+— the prompts being paired, the short and the long context of the same question — the paired shift (long − short)
+with a two-sided Wilcoxon signed-rank test over the pairs where both boundaries are defined.
+
+Verdict (:func:`scorecard_rows`, criterion ``thread.boundary_shift`` in ``assets/claims.json``): a shift above 0 with
+Wilcoxon p < α is met; a bootstrap interval of the mean shift at or below 0 is missed; anything else straddles.  The
+positive control: the model's expected answer is its top-1 for factual prompts (a boundary of the native answer
+exists), the injection flips the answer at some layer for enough pairs in both contexts (the calibration works), and
+the thread's shift spans at least two layers at this depth (a per-layer scan can resolve it).
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from importlib.resources import files
 import numpy as np
 import torch
 
+from reflow_core.experiments.common import bootstrap_ci
 from reflow_core.experiments.emotion import median_residual_norm
 from reflow_core.experiments.inception import batched_critical_alpha
-from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Row
+from reflow_core.scorecard import MET, MISSED, STRADDLES, Control, Row, combined, criterion, decide
 from reflow_core.steering import concept_direction
 from reflow_core.hooks import encode_prompt, injected, last_logits, n_states
 from reflow_core.stimuli import token_ids
@@ -98,23 +106,41 @@ class BoundaryResult:
         keep = ~self.native_alt[s]
         return self.flips[s][keep].mean(0) if keep.any() else np.full(self.n_layer + 1, np.nan)
 
-    def mann_whitney(self) -> tuple[float, float]:
-        """(U, two-sided p) of short vs long boundaries; nan when either set has fewer than two defined values."""
-        from scipy.stats import mannwhitneyu
+    def shifts(self) -> np.ndarray:
+        """long − short boundary of each pair where both are defined."""
+        d = self.boundary["long"] - self.boundary["short"]
+        return d[np.isfinite(d)]
 
-        a, b = self.defined("short"), self.defined("long")
-        if a.size < 2 or b.size < 2:
+    @property
+    def n_pairs_defined(self) -> int:
+        return int(self.shifts().size)
+
+    def wilcoxon(self) -> tuple[float, float]:
+        """(W, two-sided p) of the Wilcoxon signed-rank test of the paired shifts; p = 1 when every shift is 0, nan
+        with fewer than two pairs."""
+        from scipy.stats import wilcoxon
+
+        d = self.shifts()
+        if d.size < 2:
             return float("nan"), float("nan")
-        if np.ptp(np.concatenate([a, b])) == 0:  # all equal: no evidence of a difference
-            return float(a.size * b.size / 2), 1.0
-        r = mannwhitneyu(a, b, alternative="two-sided")
+        if not np.any(d):  # all ties at zero: no evidence of a shift
+            return 0.0, 1.0
+        r = wilcoxon(d, alternative="two-sided")
         return float(r.statistic), float(r.pvalue)
 
     def paired_shift(self) -> float:
         """Median of long − short boundary over the pairs where both are defined."""
-        d = self.boundary["long"] - self.boundary["short"]
-        d = d[np.isfinite(d)]
+        d = self.shifts()
         return float(np.median(d)) if d.size else float("nan")
+
+    def shift_interval(self) -> tuple[float, float, float]:
+        """(mean, lo, hi) of the paired shift, bootstrap over pairs (nan without pairs)."""
+        d = self.shifts()
+        if not d.size:
+            return float("nan"), float("nan"), float("nan")
+        if d.size < 2:
+            return float(d[0]), float(d[0]), float(d[0])
+        return bootstrap_ci(d)
 
     def table(self):
         import pandas as pd
@@ -129,13 +155,13 @@ class BoundaryResult:
     def summary(self):
         import pandas as pd
 
-        u, p = self.mann_whitney()
+        _, p = self.wilcoxon()
         return pd.DataFrame([{
             "set": s, "prompts": len(self.items), "defined": int(self.defined(s).size),
             "excluded (native = alternative)": int(self.native_alt[s].sum()),
             "median boundary": self.median(s), "median fraction of depth": self.median(s) / self.n_layer,
             "native top-1 = answer": float(self.native_answer[s].mean()),
-        } for s in SETS]).assign(**{"Mann–Whitney p": p})
+        } for s in SETS]).assign(**{"pairs defined in both": self.n_pairs_defined, "Wilcoxon p (paired)": p})
 
 
 @torch.no_grad()
@@ -219,29 +245,62 @@ def expected_shift_layers(n_layer: int) -> float:
     return (PAPER_LONG - PAPER_SHORT) / PAPER_DEPTH * n_layer
 
 
-def scorecard_rows(result: BoundaryResult, scale: str, checkpoint: str) -> list[Row]:
+def calibration_control(result: BoundaryResult) -> Control:
+    """The injection flips the answer at some layer for enough pairs in both contexts (bar ``boundary_calibration``
+    in ``assets/controls.json``: fewer than 6 pairs cannot give a two-sided Wilcoxon p below 0.05)."""
+    from reflow_core.experiments.controls import settings
+
+    need = int(settings()["boundary_calibration"]["min_pairs"])
+    n = result.n_pairs_defined
+    return Control("prompts calibrated: the injection flips both contexts of a pair at some layer", n >= need,
+                   f"{n} of {len(result.items)} pairs have a boundary in both contexts ({result.n_calibrated} of "
+                   f"{2 * len(result.items)} prompts flip at layer 0); bar {need}", value=float(n),
+                   threshold=float(need))
+
+
+def resolution_control(n_layer: int) -> Control:
+    """The thread's shift (10 of 36 layers) scaled to this depth spans at least :data:`MIN_RESOLVABLE_SHIFT` layers."""
+    shift = expected_shift_layers(n_layer)
+    return Control("depth resolves the thread's shift", shift >= MIN_RESOLVABLE_SHIFT,
+                   f"10/36 of depth is {shift:.1f} layers in a {n_layer}-layer model (bar {MIN_RESOLVABLE_SHIFT:g})",
+                   value=shift, threshold=MIN_RESOLVABLE_SHIFT)
+
+
+def shift_outcome(result: BoundaryResult) -> tuple[str, float]:
+    """(outcome, Wilcoxon p) of the paired shift against ``thread.boundary_shift``'s criterion (module docstring)."""
+    crit = criterion("thread.boundary_shift")
+    _, p = result.wilcoxon()
+    mean, lo, hi = result.shift_interval()
+    if not np.isfinite(mean):
+        return MISSED, float("nan")
+    if np.isfinite(p) and p < crit["alpha"] and result.paired_shift() > crit["threshold"]:
+        return MET, p
+    if hi <= crit["threshold"]:
+        return MISSED, p
+    return STRADDLES, p
+
+
+def scorecard_rows(result: BoundaryResult, scale: str, checkpoint: str, control: Control) -> list[Row]:
+    """thread.boundary_shift; ``control`` is the claim's competence gate (the expected answer is the model's top-1),
+    combined here with the calibration and depth-resolution controls."""
     L = result.n_layer
-    u, p = result.mann_whitney()
+    outcome, p = shift_outcome(result)
+    mean, lo, hi = result.shift_interval()
     ms, ml = result.median("short"), result.median("long")
     at = f"{L} layers, fixed α {result.alpha / result.unit_norm:.2g}× median ‖h‖"
     if np.isfinite(ms) or np.isfinite(ml):
         ours = (f"median boundary short L{ms:g} ({ms / L:.2f} of depth) vs long L{ml:g} ({ml / L:.2f}); paired shift "
-                f"{result.paired_shift():+g} layers; Mann–Whitney p = {p:.3g} ({at})")
+                f"median {result.paired_shift():+g}, mean {mean:+.2g} [{lo:+.2g}, {hi:+.2g}] layers over "
+                f"{result.n_pairs_defined} pairs; Wilcoxon p = {p:.3g} ({at})")
     else:
         ours = f"no prompt flips to the alternative at any layer ({at}; {result.n_calibrated} prompts calibrated)"
-    shift = expected_shift_layers(L)
-    if shift < MIN_RESOLVABLE_SHIFT:
-        verdict = NOT_TESTABLE
-        why = (f"the thread's shift of 10/36 of depth is {shift:.1f} layers in a {L}-layer model, below the "
-               f"{MIN_RESOLVABLE_SHIFT:g}-layer resolution of a per-layer flip scan")
-    elif not np.isfinite(p):
-        verdict = NOT_TESTABLE
-        why = "too few prompts with a defined boundary in one of the sets"
-    else:
-        held = ml > ms and p < 0.05
-        verdict = REPRODUCED if held else NOT_REPRODUCED
-        why = ("reproduced = long-context boundary deeper than short with two-sided Mann–Whitney p < 0.05; "
-               f"{len(result.items)} prompt pairs")
+    control = combined(f"{control.name} + calibration + depth resolution",
+                       [control, calibration_control(result), resolution_control(L)])
+    crit = criterion("thread.boundary_shift")
     return [Row(claim_id="thread.boundary_shift",
-                ours=ours, verdict=verdict, why=why, scale=scale,
-                checkpoint=checkpoint)]
+                ours=ours, verdict=decide(outcome, control),
+                why=(f"criterion: paired shift long − short above {crit['threshold']:g} with two-sided Wilcoxon "
+                     f"signed-rank p < {crit['alpha']} over the pairs; missed when the bootstrap interval of the mean "
+                     f"shift lies at or below {crit['threshold']:g}; {len(result.items)} prompt pairs"),
+                scale=scale, checkpoint=checkpoint, control=control,
+                p_value=p if np.isfinite(p) else None)]

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from reflow_core.scorecard import MET, MISSED, STRADDLES
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary rows
 
@@ -30,21 +32,26 @@ def is_factored(model) -> bool:
 
 @torch.no_grad()
 def vocab_rows(model) -> torch.Tensor:
-    """The per-token rows the book compares, real vocabulary only, float32 on the CPU.
+    """The per-token rows the book compares, one per GPT-2 id (V_real rows), float32 on the CPU.
 
     Factored (reFlow) models: the effective recipe rows ``recipe_matrix()`` (V×S; Top-K variants are sparsified as
-    the model uses them). Tied (GPT-2-New) models: the embedding rows (V×d), the baseline's nearest equivalent.
+    the model uses them). Tied (GPT-2-New) models: the embedding rows (V×d), the baseline's nearest equivalent.  In a
+    compact vocabulary the ids without a row of their own share its tail row: whole-vocabulary statistics keep to
+    :func:`own_mask`.
     """
-    V = model.config.real_vocab_size
     M = model.vocab.recipe_matrix() if is_factored(model) else model.vocab.embedding_matrix()
-    return M[:V].detach().float().cpu()
+    return model.vocab.by_id(M).detach().float().cpu()
 
 
 @torch.no_grad()
 def embedding_rows(model) -> torch.Tensor:
-    """E = W_recipe·W_basis (factored) or the tied E, real vocabulary only (V×d)."""
-    V = model.config.real_vocab_size
-    return model.vocab.embedding_matrix()[:V].detach().float().cpu()
+    """E = W_recipe·W_basis (factored) or the tied E, one row per GPT-2 id (V_real×d); see :func:`vocab_rows`."""
+    return model.vocab.by_id(model.vocab.embedding_matrix()).detach().float().cpu()
+
+
+def own_mask(model) -> torch.Tensor:
+    """(V_real,) bool: the GPT-2 ids with a row of their own (all of them in a full vocabulary)."""
+    return model.vocab.has_own_row(torch.arange(model.config.real_vocab_size))
 
 
 def unit_rows(M: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -66,14 +73,17 @@ def gaussian_like(M: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def nearest(rows: torch.Tensor, queries: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None,
-            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+            chunk: int = 4096, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine neighbours of each query among ``rows`` -> (values, indices), each (Q, k).
 
-    ``exclude[q]`` lists row indices never returned for query q (the query word itself, analogy inputs …).
+    ``exclude[q]`` lists row indices never returned for query q (the query word itself, analogy inputs …);
+    ``allowed`` (a bool mask over rows) restricts every query to those rows (e.g. the ids with rows of their own).
     """
     Q = unit_rows(queries.float())
     R = unit_rows(rows.float())
     sims = torch.cat([Q @ R[i:i + chunk].t() for i in range(0, R.shape[0], chunk)], dim=1)
+    if allowed is not None:
+        sims[:, ~allowed] = -float("inf")
     if exclude is not None:
         for q, ex in enumerate(exclude):
             if len(ex):
@@ -180,3 +190,30 @@ def fmt_group(results: dict[str, list], name: str, getter: Callable, spec: str =
     if not results.get(name):
         return missing
     return seed_interval([getter(r) for r in results[name]]).fmt(spec) + suffix
+
+
+def lower_beyond_noise(reference: Interval, other: Interval) -> bool | None:
+    """Is ``other`` below ``reference``?  True / False when their intervals (over seeds; a point with one seed) do not
+    overlap, None when they do: the data cannot tell."""
+    ref_lo, ref_hi = (reference.lo, reference.hi) if reference.n > 1 else (reference.mean, reference.mean)
+    oth_lo, oth_hi = (other.lo, other.hi) if other.n > 1 else (other.mean, other.mean)
+    if oth_hi < ref_lo:
+        return True
+    if oth_lo >= ref_hi:
+        return False
+    return None
+
+
+def collapse_outcome(reference: dict[str, Interval], other: dict[str, Interval]) -> tuple[str, list[str]]:
+    """The one rule for "a sparsified variant loses the recipe structure of dense reFlow" (topk.collapse) and "a soft
+    variant keeps what Top-K loses" (thread.soft_sparsity): over the named statistics (three↔four cosine, algebra MRR,
+    silhouette), ``other`` is lower on all of them beyond noise → "met"; not lower on any → "missed"; otherwise
+    "straddles".  Returns the outcome and the statistics found lower.  Whether the comparison can be made at all is
+    the claim's control: the reference model must show the structure first."""
+    lower = {name: lower_beyond_noise(reference[name], other[name]) for name in reference}
+    lost = [n for n, v in lower.items() if v]
+    if len(lost) == len(lower):
+        return MET, lost
+    if all(v is False for v in lower.values()):
+        return MISSED, lost
+    return STRADDLES, lost

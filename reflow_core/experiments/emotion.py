@@ -11,6 +11,14 @@ all prompts), so that models of different width can be compared.
 
 Null: random unit directions injected with the same α at the same layer.  A layer *responds* when the sentiment
 direction's effect exceeds the 95th percentile of the random directions' |effect|.
+
+Verdict (:func:`scorecard_rows`): the claim's criterion (``emotion.flip`` in ``assets/claims.json``) on the early-range
+flip rate among the negative prompts that start clearly negative — an interval over training seeds, or a
+bootstrap over those prompts with one seed — beyond the random directions (one-sided Fisher exact test of the
+direction's flips against the random directions' flips).  Its positive control: the model's negative prompts lean
+negative before surgery (:func:`reflow_core.experiments.controls.negative_lean`) and some start negative on the
+top-word measure too; where random directions already flip half of them, the null meets the claim and the row is
+inconclusive.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ import numpy as np
 import torch
 
 from reflow_core import tokenizer
-from reflow_core.experiments.common import Interval, seed_interval
-from reflow_core.scorecard import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Row
+from reflow_core.experiments.common import Interval, bootstrap_ci, seed_interval
+from reflow_core.scorecard import (FAMILY_ALPHA, MET, STRADDLES, Control, Row, against, combined, criterion,
+                                   decide)
 from reflow_core.hooks import encode_prompt, injected, last_logits, layer_hook_name, n_states, residual_states
 from reflow_core.stimuli import load_stimuli, sentiment_ids
 from reflow_core.steering import random_directions, sentiment_direction, sentiment_score
@@ -68,6 +77,19 @@ class EmotionResult:
     flip_rate: dict = field(default_factory=dict)  # among negative prompts whose unsteered top word is negative
     null_flip_rate: dict = field(default_factory=dict)
     generations: list = field(default_factory=list)
+    hits: dict = field(default_factory=dict)  # range -> per prompt starting negative: did it flip (sentiment direction)
+    null_hits: dict = field(default_factory=dict)  # range -> the same for each (prompt, random direction)
+
+    def flip_p_value(self, name: str = "early") -> float:
+        """One-sided Fisher exact p: does the sentiment direction flip more of the prompts starting negative than
+        random directions of the same norm do?  1 when no prompt starts negative."""
+        from scipy.stats import fisher_exact
+
+        k, n = int(np.sum(self.hits.get(name, []))), len(self.hits.get(name, []))
+        k0, n0 = int(np.sum(self.null_hits.get(name, []))), len(self.null_hits.get(name, []))
+        if n == 0 or n0 == 0:
+            return 1.0
+        return float(fisher_exact([[k, n - k], [k0, n0 - k0]], alternative="greater")[1])
 
 
 def _top_sentiment_word(logits: torch.Tensor, pos, neg) -> tuple[str, bool]:
@@ -78,8 +100,13 @@ def _top_sentiment_word(logits: torch.Tensor, pos, neg) -> tuple[str, bool]:
 
 @torch.no_grad()
 def emotion_surgery(model, *, rel_alpha: float = 1.0, alpha: float | None = None, n_random: int = 32,
-                    gen_tokens: int = 12, prompts: list[str] | None = None, seed: int = 0) -> EmotionResult:
+                    gen_tokens: int = 12, prompts: list[str] | None = None, seed: int = 0,
+                    start_margin: float | None = None) -> EmotionResult:
     """Experiment 10: per-layer effect of the sentiment direction vs random directions; flips and generations.
+
+    A negative prompt *starts negative* when its top sentiment word is negative and its sentiment score is at most
+    −``start_margin`` (default: the criterion's, ln 2 — negative words at least twice as likely as positive ones): an
+    untrained model's scores lie within a few tenths of a nat of 0, where any push of this size flips the top word.
 
     ``prompts`` (default: all sentiment prompts of the data file) are those of the per-layer effect; the flips and
     generations always use the file's negative prompts.
@@ -105,16 +132,19 @@ def emotion_surgery(model, *, rel_alpha: float = 1.0, alpha: float | None = None
     thr = np.percentile(np.abs(null).mean(axis=1), 95, axis=1)  # per layer, over random directions
     responds = (effect.mean(axis=1) > thr).tolist()
 
-    flips, flip_rate, null_rate, n_neg, gens = {}, {}, {}, {}, []
+    margin = criterion("emotion.flip")["start_margin"] if start_margin is None else float(start_margin)
+    flips, flip_rate, null_rate, n_neg, gens, all_hits, all_null = {}, {}, {}, {}, [], {}, {}
     for name, rng in layer_ranges(model.config.n_layer).items():
         rows, hits, null_hits = [], [], []
         for prompt in stim["negative_prompts"]:
             idx = encode_prompt(model, prompt)
-            w0, pos0 = _top_sentiment_word(last_logits(model, idx), pos, neg)
+            logits0 = last_logits(model, idx)
+            w0, pos0 = _top_sentiment_word(logits0, pos, neg)
+            lean = float(sentiment_score(logits0, pos, neg)[0])
             with injected(model, v, rng, alpha):
                 w1, pos1 = _top_sentiment_word(last_logits(model, idx), pos, neg)
                 out = model.generate(idx, gen_tokens, temperature=0.0)
-            if not pos0:  # a flip needs a negative word to start from
+            if not pos0 and lean <= -margin:  # a flip needs a clearly negative start
                 hits.append(pos1)
                 for r in rand[:8]:
                     with injected(model, r, rng, alpha):
@@ -128,9 +158,11 @@ def emotion_surgery(model, *, rel_alpha: float = 1.0, alpha: float | None = None
         flips[name], n_neg[name] = rows, len(hits)
         flip_rate[name] = float(np.mean(hits)) if hits else 0.0
         null_rate[name] = float(np.mean(null_hits)) if null_hits else 0.0
+        all_hits[name], all_null[name] = [bool(h) for h in hits], [bool(h) for h in null_hits]
     return EmotionResult(alpha=alpha, rel_alpha=alpha / unit, unit_norm=unit, prompts=prompts,
                          baseline=np.array(base), effect=effect, null_effect=null, responds=responds,
-                         flips=flips, n_start_negative=n_neg, flip_rate=flip_rate, null_flip_rate=null_rate, generations=gens)
+                         flips=flips, n_start_negative=n_neg, flip_rate=flip_rate, null_flip_rate=null_rate,
+                         generations=gens, hits=all_hits, null_hits=all_null)
 
 
 def flip_rate_over_seeds(models: list, rel_alpha: float = 1.0, n_random: int = 8) -> Interval:
@@ -170,26 +202,64 @@ def plot_emotion(result: EmotionResult):
     return fig
 
 
-def scorecard_rows(result: EmotionResult, scale: str, checkpoint: str, n_layer: int) -> list[Row]:
+def start_negative_control(result: EmotionResult, name: str = "early") -> Control:
+    """The flip needs prompts that start clearly negative (top sentiment word negative, score ≤ −start_margin)."""
+    n_neg, n_all = result.n_start_negative.get(name, 0), len(result.flips.get(name, []))
+    margin = criterion("emotion.flip")["start_margin"]
+    return Control("negative prompts start clearly negative", n_neg > 0,
+                   f"{n_neg} of {n_all} negative prompts have a negative top sentiment word and a score ≤ "
+                   f"−{margin:.2f} nats", value=float(n_neg), threshold=1.0)
+
+
+def flip_outcome(result: EmotionResult, flip_seeds: Interval | None = None) -> tuple[str, tuple[float, float], float]:
+    """Where the early-range flip rate lies against ``emotion.flip``'s criterion: (outcome, interval, Fisher p).
+
+    The interval is the t-interval over training seeds when there are two or more, else a bootstrap over the prompts
+    that start negative; a rate whose interval meets the threshold but does not beat the random directions
+    (Fisher p ≥ α) straddles: the direction is not shown to matter."""
+    crit = criterion("emotion.flip")
+    hits = np.asarray(result.hits.get("early", []), dtype=float)
+    if flip_seeds is not None and flip_seeds.n > 1 and np.isfinite(flip_seeds.lo):
+        lo, hi = flip_seeds.lo, flip_seeds.hi
+    elif hits.size >= 2:
+        _, lo, hi = bootstrap_ci(hits)
+    else:
+        lo = hi = float(hits.mean()) if hits.size else 0.0
+    p = result.flip_p_value("early")
+    outcome = against(lo, hi, crit["threshold"], crit["direction"])
+    if outcome == MET and p >= FAMILY_ALPHA:
+        outcome = STRADDLES
+    return outcome, (float(lo), float(hi)), p
+
+
+def scorecard_rows(result: EmotionResult, scale: str, checkpoint: str, n_layer: int, control: Control,
+                   flip_seeds: Interval | None = None) -> list[Row]:
+    """emotion.flip against its registered criterion (module docstring); ``control`` is the claim's competence gate
+    (negative prompts lean negative before surgery), combined here with "some prompt starts on a negative top
+    word"."""
     rng = layer_ranges(n_layer)
+    crit = criterion("emotion.flip")
     early, late = result.flip_rate["early"], result.flip_rate["late"]
-    ok = early >= 0.5 and early > result.null_flip_rate["early"]
+    null_early = result.null_flip_rate["early"]
     examples = ", ".join(f"{a.strip()}→{b.strip()}" for a, b in result.flips["early"][:3])
     n_neg, n_all = result.n_start_negative.get("early", 0), len(result.flips["early"])
-    if n_neg == 0:
-        return [Row(
-            claim_id="emotion.flip",
-            ours=f"none of the {n_all} negative prompts makes the model prefer a negative word ({examples})",
-            verdict=NOT_TESTABLE, why="nothing to flip: the unsteered model never leans negative on these prompts",
-            scale=scale, checkpoint=checkpoint,
-        )]
+    control = combined(f"{control.name} + prompts start negative", [control, start_negative_control(result)])
+    outcome, (lo, hi), p = flip_outcome(result, flip_seeds)
+    null_meets = n_neg > 0 and null_early >= crit["threshold"]
+    interval = f" [{100 * lo:.0f}%, {100 * hi:.0f}%]" if hi > lo else ""
+    spread = ("t-interval over seeds" if flip_seeds is not None and flip_seeds.n > 1 else
+              "bootstrap over the prompts that start negative")
     return [Row(
         claim_id="emotion.flip",
-        ours=(f"L{rng['early'][0]}–L{rng['early'][1]} injection flips the top sentiment word on {100 * early:.0f}% of "
-              f"the {n_neg} of {n_all} negative prompts that start negative ({examples}); late L{rng['late'][0]}–L{rng['late'][1]}: {100 * late:.0f}%; "
-              f"α = {result.rel_alpha:.2g}× median ‖h‖"),
-        verdict=REPRODUCED if ok else NOT_REPRODUCED,
-        why=(f"random directions of the same norm flip {100 * result.null_flip_rate['early']:.0f}% (early range); "
-             "reproduced = sentiment direction flips ≥50% and more than the null"),
-        scale=scale, checkpoint=checkpoint,
+        ours=(f"L{rng['early'][0]}–L{rng['early'][1]} injection flips the top sentiment word on {100 * early:.0f}%"
+              f"{interval} of the {n_neg} of {n_all} negative prompts that start clearly negative ({examples}); random "
+              f"directions {100 * null_early:.0f}% (Fisher p = {p:.3g}); late L{rng['late'][0]}–L{rng['late'][1]}: "
+              f"{100 * late:.0f}%; α = {result.rel_alpha:.2g}× median ‖h‖"),
+        verdict=decide(outcome, control, null_meets_paper=null_meets),
+        why=(f"criterion: flip rate ≥ {crit['threshold']:.0%} ({spread}) and beyond random directions of the same "
+             f"norm (one-sided Fisher p < {FAMILY_ALPHA})"
+             + (f"; random directions alone flip {100 * null_early:.0f}%, so the null meets the claim" if null_meets
+                else "")
+             + ("" if n_neg else "; no prompt starts negative, so there is nothing to flip")),
+        scale=scale, checkpoint=checkpoint, control=control, p_value=p if n_neg else None,
     )]

@@ -14,8 +14,16 @@ Definitions (stated once, used everywhere):
 * both are also reported as a *fraction of depth*, l / L, so a 6-layer model can be set beside the seed's
   "L12–L18 of 36" (0.33–0.50).
 
+* the **crystallisation of the expected answer** — the same layer for the data file's expected answer, on the prompts
+  where it is the model's final top-1: the seed's "semantic decisions crystallise mid-depth" is a claim about the
+  answer, so the scorecard row (:func:`scorecard_rows`) is measured on it, with a bootstrap over prompts (pooled over
+  training seeds, resampling prompts) for the interval against the registered band; the model's own decision is
+  reported beside it.
+
 Baselines: the same statistics on the tied-embedding model trained under the same budget (``gpt2-new``) and on the
 reFlow model at initialisation — a decision that "crystallises" equally early in an untrained model is not a finding.
+The row's positive control is that the expected answer becomes reFlow's top-1 at all (``answer_top1``); where it
+never does, there is no crystallisation layer to measure and the row is not testable at this scale.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 
 from reflow_core import tokenizer
 from reflow_core.experiments.common import Interval, seed_interval
-from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
+from reflow_core.scorecard import MET, MISSED, NOT_TESTABLE, STRADDLES, Control, Row, criterion, decide
 from reflow_core.hooks import encode_prompt, residual_states
 from reflow_core.stimuli import load_stimuli, token_ids
 
@@ -88,39 +96,79 @@ class EvolutionResult:
     half: list  # half-probability layer per prompt (decision target)
     expected_top1: float  # fraction of prompts whose expected target is the model's final top-1
     summary: dict = field(default_factory=dict)
+    crystal_expected: list = field(default_factory=list)  # crystallisation layer of the expected answer (None: not top-1)
+
+    def expected_fracs(self) -> list[tuple[int, float]]:
+        """(prompt index, crystallisation depth fraction of the expected answer) for the prompts where it is top-1."""
+        return [(i, c / self.n_layer) for i, c in enumerate(self.crystal_expected) if c is not None]
 
 
 def layer_evolution(model, items: list[dict] | None = None, *, label: str = "reflow") -> EvolutionResult:
     """Experiment 7 over a prompt set: trajectories, crystallisation and half-probability layers."""
     items = factual_items() if items is None else items
     L = model.config.n_layer
-    dec_p, dec_r, exp_p, exp_r, crystal, half, hit = [], [], [], [], [], [], []
+    dec_p, dec_r, exp_p, exp_r, crystal, half, hit, crystal_exp = [], [], [], [], [], [], [], []
     for it in items:
         d = lens_trajectory(model, it["prompt"])
         e = lens_trajectory(model, it["prompt"], tokenizer.single_token_id(it["target"]))
         dec_p.append(d["probs"]); dec_r.append(d["ranks"]); exp_p.append(e["probs"]); exp_r.append(e["ranks"])
         crystal.append(crystallisation_layer(d["ranks"]))
+        crystal_exp.append(crystallisation_layer(e["ranks"]))
         half.append(half_probability_layer(d["probs"]))
         hit.append(e["ranks"][-1] == 1)
     c = np.array(crystal, dtype=float)
     h = np.array(half, dtype=float)
+    ce = np.array([x for x in crystal_exp if x is not None], dtype=float)
     summary = {
         "median_crystal_layer": float(np.median(c)), "median_crystal_frac": float(np.median(c) / L),
         "mean_crystal_frac": float(np.mean(c) / L), "median_half_layer": float(np.median(h)),
         "median_half_frac": float(np.median(h) / L),
         "frac_in_paper_band": float(np.mean((c / L >= PAPER_BAND[0]) & (c / L <= PAPER_BAND[1]))),
         "frac_crystal_at_last_layer": float(np.mean(c == L)),
+        "n_expected_top1": int(ce.size),
+        "median_crystal_frac_expected": float(np.median(ce) / L) if ce.size else float("nan"),
     }
     return EvolutionResult(
         model_label=label, n_layer=L, prompts=[it["prompt"] for it in items], expected=[it["target"] for it in items],
         decision={"probs": dec_p, "ranks": dec_r}, expected_traj={"probs": exp_p, "ranks": exp_r},
-        crystal=crystal, half=half, expected_top1=float(np.mean(hit)), summary=summary,
+        crystal=crystal, half=half, expected_top1=float(np.mean(hit)), summary=summary, crystal_expected=crystal_exp,
     )
 
 
-def crystallisation_over_seeds(models: list, items: list[dict] | None = None) -> Interval:
-    """Median crystallisation depth fraction of each training seed's model, as an interval over seeds."""
-    return seed_interval([layer_evolution(m, items).summary["median_crystal_frac"] for m in models])
+def crystallisation_over_seeds(models: list, items: list[dict] | None = None, *,
+                               results: list[EvolutionResult] | None = None) -> Interval:
+    """Median crystallisation depth fraction of the model's own decision for each training seed, as an interval over
+    seeds (``results``: the seeds' :func:`layer_evolution`, if already computed)."""
+    results = [layer_evolution(m, items) for m in models] if results is None else results
+    return seed_interval([r.summary["median_crystal_frac"] for r in results])
+
+
+def prompt_bootstrap(records: list[tuple[int, float]], stat=np.median, n_boot: int = 2000, alpha: float = 0.05,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """(statistic, lower, upper) of ``stat`` over ``records`` = (prompt, value) pairs, by a percentile bootstrap that
+    resamples *prompts* (every record of a drawn prompt comes with it: the values of one prompt over several seeds
+    are not independent).  One prompt: the point, with no interval (nan bounds)."""
+    if not records:
+        return float("nan"), float("nan"), float("nan")
+    prompts = sorted({p for p, _ in records})
+    by_prompt = {p: np.array([v for q, v in records if q == p]) for p in prompts}
+    est = float(stat(np.concatenate(list(by_prompt.values()))))
+    if len(prompts) < 2:
+        return est, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = [stat(np.concatenate([by_prompt[prompts[j]] for j in rng.integers(0, len(prompts), len(prompts))]))
+             for _ in range(n_boot)]
+    return est, float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
+
+
+def within_band(lo: float, hi: float, band) -> str:
+    """Where an interval [lo, hi] lies against a band: wholly inside → met; wholly outside → missed; else straddles."""
+    low, high = band
+    if lo >= low and hi <= high:
+        return MET
+    if hi < low or lo > high:
+        return MISSED
+    return STRADDLES
 
 
 def evolution_with_baselines(models: dict, items: list[dict] | None = None) -> dict[str, EvolutionResult]:
@@ -164,17 +212,27 @@ def plot_trajectories(results: dict[str, EvolutionResult], which: str = "decisio
 
 
 def plot_crystallisation(results: dict[str, EvolutionResult]):
-    """Distribution of crystallisation layers as a fraction of depth, per model."""
+    """Distribution of crystallisation layers as a fraction of depth, per model: the model's own decision (filled
+    dots, black bar: median) and the expected answer where it is the final top-1 (open diamonds, red bar: median)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     labels = list(results)
+    first_expected = True
     for i, label in enumerate(labels):
         r = results[label]
         frac = np.array(r.crystal, dtype=float) / r.n_layer
         jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(frac))
-        ax.scatter(frac, i + jitter, s=14, alpha=0.6)
-        ax.plot([np.median(frac)] * 2, [i - 0.3, i + 0.3], color="k", lw=2)
+        ax.scatter(frac, i - 0.1 + jitter, s=14, alpha=0.6, color=f"C{i}",
+                   label="own decision" if i == 0 else None)
+        ax.plot([np.median(frac)] * 2, [i - 0.35, i + 0.05], color="k", lw=2)
+        exp = np.array([f for _, f in r.expected_fracs()])
+        if exp.size:
+            ax.scatter(exp, i + 0.2 + np.random.default_rng(100 + i).uniform(-0.08, 0.08, exp.size), s=22,
+                       marker="D", facecolors="none", edgecolors=f"C{i}",
+                       label="expected answer (where top-1)" if first_expected else None)
+            first_expected = False
+            ax.plot([np.median(exp)] * 2, [i + 0.05, i + 0.35], color="#c44e52", lw=2)
     ax.axvspan(*PAPER_BAND, color="0.85", zorder=0, label="seed: L12–L18 of 36")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("crystallisation layer / depth (black bar: median)")
@@ -184,25 +242,44 @@ def plot_crystallisation(results: dict[str, EvolutionResult]):
     return fig
 
 
-def scorecard_rows(results: dict[str, EvolutionResult], scale: str, checkpoint: str) -> list[Row]:
+def scorecard_rows(results: dict[str, EvolutionResult], scale: str, checkpoint: str, control: Control,
+                   seeds: list[EvolutionResult] | None = None) -> list[Row]:
+    """evolution.crystallisation: the median crystallisation depth fraction of the *expected answer*, over the prompts
+    (of every training seed in ``seeds``, default reFlow's first) where it is the final top-1, with a bootstrap over
+    prompts against the registered band (:func:`within_band`); ``control``: the expected answer becomes top-1 at all
+    (``answer_top1``).  reFlow at initialisation landing in the band makes the row inconclusive."""
+    band = tuple(criterion("evolution.crystallisation")["threshold"])
     r = results["reflow"]
+    seeds = [r] if seeds is None else seeds
+    records = [(i, f) for res in seeds for i, f in res.expected_fracs()]
+    n_prompts = len({i for i, _ in records})
     s = r.summary
-    lo, hi = PAPER_BAND
-    inside = lo <= s["median_crystal_frac"] <= hi
-    # an untrained model that "crystallises" in the same band shows the band is not a learned property
-    init_inside = [lo <= b.summary["median_crystal_frac"] <= hi for label, b in results.items() if "init" in label]
-    null_also = any(init_inside)
-    null_parts = []
-    for label, b in results.items():
-        if label != "reflow":
-            null_parts.append(f"{label} {b.summary['median_crystal_frac']:.2f}")
-    null_text = ("; null/baseline medians: " + ", ".join(null_parts)) if null_parts else ""
+    decision = (f"the model's own top-1 crystallises at a median {s['median_crystal_frac']:.2f} of depth "
+                f"({100 * s['frac_in_paper_band']:.0f}% of prompts in the band)")
+    baselines = ", ".join(f"{label} " + (f"{b.summary['median_crystal_frac_expected']:.2f} "
+                                         if b.summary["n_expected_top1"] else "— ")
+                          + f"({b.summary['n_expected_top1']} prompts)" for label, b in results.items() if label != "reflow")
+    if not records:
+        return [Row(
+            claim_id="evolution.crystallisation",
+            ours=f"expected answer top-1 on 0 of {len(r.prompts)} prompts; {decision}",
+            verdict=NOT_TESTABLE,
+            why=("no prompt's expected answer is the final top-1, so it has no crystallisation layer to measure"
+                 + (f"; baselines (expected answer): {baselines}" if baselines else "")),
+            scale=scale, checkpoint=checkpoint, control=control,
+        )]
+    est, lo, hi = prompt_bootstrap(records)
+    lo, hi = (est, est) if not np.isfinite(lo) else (lo, hi)
+    init = [b for label, b in results.items() if "init" in label and b.expected_fracs()]
+    init_in = [b for b in init if band[0] <= np.median([f for _, f in b.expected_fracs()]) <= band[1]]
     return [Row(
         claim_id="evolution.crystallisation",
-        ours=(f"median crystallisation layer {s['median_crystal_layer']:.0f} of {r.n_layer} "
-              f"({s['median_crystal_frac']:.2f} of depth; {100 * s['frac_in_paper_band']:.0f}% of prompts in 0.33–0.50)"),
-        verdict=REPRODUCED if inside and not null_also else NOT_REPRODUCED,
-        why=("lens top-1 stays fixed from that layer on, over the factual prompt set" + null_text
-             + ("; the model at initialisation lands in the band too" if inside and null_also else "")),
-        scale=scale, checkpoint=checkpoint,
+        ours=(f"expected answer: median crystallisation {est:.2f} of depth [{lo:.2f}, {hi:.2f}] over {n_prompts} "
+              f"prompt(s) where it is top-1 ({len(records)} prompt×seed); {decision}"),
+        verdict=decide(within_band(lo, hi, band), control, null_meets_paper=bool(init_in)),
+        why=(f"criterion: median depth fraction of the expected answer's crystallisation within "
+             f"{band[0]:.2f}–{band[1]:.2f}; 95% bootstrap over prompts, {len(seeds)} seed(s)"
+             + ("; the model at initialisation lands in the band too" if init_in else "")
+             + (f"; baselines (expected answer): {baselines}" if baselines else "")),
+        scale=scale, checkpoint=checkpoint, control=control,
     )]

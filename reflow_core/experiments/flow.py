@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from reflow_core import tokenizer
+from reflow_core.experiments.common import own_mask
 from reflow_core.hooks import encode_prompt, residual_states
 
 
@@ -40,8 +41,8 @@ class FlowResult:
 
 
 def contributions(model, signals: torch.Tensor, target: int) -> torch.Tensor:
-    """c = s ⊙ W_recipe[target] for any batch of read-outs ``signals`` (…, S)."""
-    return signals * model.vocab.recipe_matrix()[target]
+    """c = s ⊙ W_recipe[target] for any batch of read-outs ``signals`` (…, S); ``target`` a GPT-2 id."""
+    return signals * model.vocab.recipe_matrix()[model.vocab.rows_of(torch.tensor(target))]
 
 
 def _share(c: torch.Tensor, n: int) -> torch.Tensor:
@@ -56,15 +57,15 @@ def signal_flow(model, prompt: str, target_id: int | None = None, *, top_n: int 
     idx = encode_prompt(model, prompt)
     states = residual_states(model, idx)[:, 0]  # (L+1, T, d)
     s = model.signal_readout(states)  # (L+1, T, S)
-    logits = s[-1, -1] @ model.vocab.recipe_matrix().t()
-    V = model.config.real_vocab_size
-    target = int(logits[:V].argmax()) if target_id is None else int(target_id)
+    logits = model.vocab.expand(s[-1, -1] @ model.vocab.recipe_matrix().t())[: model.config.real_vocab_size]
+    target = int(logits.argmax()) if target_id is None else int(target_id)
     c = contributions(model, s, target)  # (L+1, T, S)
     final = c[-1, -1]
     top = final.abs().topk(min(top_n, final.numel())).indices
     g = torch.Generator().manual_seed(seed)
-    others = torch.randint(V, (n_null,), generator=g)
-    null_c = s[-1, -1] * model.vocab.recipe_matrix()[others]  # (n_null, S)
+    own = own_mask(model).nonzero().squeeze(1)
+    others = own[torch.randint(own.numel(), (n_null,), generator=g)]  # random tokens with rows of their own
+    null_c = s[-1, -1] * model.vocab.recipe_matrix()[model.vocab.rows_of(others)]  # (n_null, S)
     return FlowResult(
         prompt=prompt, tokens=[tokenizer.decode([i]) for i in idx[0].tolist()], target=target,
         target_token=tokenizer.decode([target]), signals=top.tolist(),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reflow_core.experiments.common import cosine_matrix, embedding_rows, seed_interval, vocab_rows
+from reflow_core.experiments.common import cosine_matrix, embedding_rows, own_mask, seed_interval, vocab_rows
 
 
 def singular_values(M: torch.Tensor) -> np.ndarray:
@@ -73,7 +73,8 @@ def basis_geometry(model, seed: int = 0) -> GeometryResult:
     """Spectra, effective ranks and basis-row cosines for one model, with Gaussian nulls of the same shapes."""
     g = torch.Generator().manual_seed(seed)
     spectra = {}
-    E = embedding_rows(model)
+    own = own_mask(model)
+    E = embedding_rows(model)[own]
     spectra["product"] = Spectrum.of("product E", E)
     spectra["product (gaussian)"] = Spectrum.of("Gaussian V×d", torch.randn(E.shape, generator=g))
     if not getattr(model, "is_factored", False):
@@ -82,7 +83,7 @@ def basis_geometry(model, seed: int = 0) -> GeometryResult:
     spectra["basis"] = Spectrum.of("W_basis", B)
     Bg = torch.randn(B.shape, generator=g)
     spectra["basis (gaussian)"] = Spectrum.of("Gaussian S×d", Bg)
-    spectra["recipe"] = Spectrum.of("W_recipe", vocab_rows(model))
+    spectra["recipe"] = Spectrum.of("W_recipe", vocab_rows(model)[own])
     cos, cos_null = _offdiag(cosine_matrix(B)), _offdiag(cosine_matrix(Bg))
     return GeometryResult(spectra, cos, cos_null, float(np.abs(cos).mean()), float(np.abs(cos_null).mean()))
 

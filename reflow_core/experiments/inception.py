@@ -8,6 +8,14 @@ c is the top-1 next token.  Bisection assumes "top-1" is monotone in α; it retu
 Null: random unit directions, bisected the same way for the same concept — how often does an arbitrary push of any
 strength up to α_max make c the top-1?  The seed reports a critical α ≈ 18.4 for its 36-layer, 1024-wide model; α is
 in units of the residual stream, so we also state it relative to the median residual norm.
+
+Verdict (:func:`scorecard_rows`): α is an absolute length in the residual stream of the paper's model, whose norm
+grows with width, depth and training; the paper gives only the number, not its residual norm or the layer, so no
+relative criterion can be derived from it.  The figure is therefore comparable only for the paper's configuration at
+the paper's scale, and elsewhere the row is "not testable at this scale" with a control saying why.  At the paper's
+scale: the median critical α (bootstrap over the implanted cases) within ±25% of 18.4, the control being that the
+concept's own direction implants it beyond random directions (the test can see a concept direction at all), and a row
+whose random directions also land in the band is inconclusive.
 """
 
 from __future__ import annotations
@@ -17,13 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reflow_core.scorecard import NOT_TESTABLE, Row, verdict_within
+from reflow_core.experiments.common import bootstrap_ci
+from reflow_core.scorecard import (FAMILY_ALPHA, MET, MISSED, NOT_TESTABLE, STRADDLES, Control, Row, against, combined,
+                                   criterion, decide)
 from reflow_core.steering import random_directions
 from reflow_core.hooks import encode_prompt, last_logits, layer_hook_name, n_states
 from reflow_core.stimuli import load_stimuli, token_ids
 from reflow_core.experiments.emotion import median_residual_norm
 
-PAPER_ALPHA = 18.4
+PAPER_SHAPE = {"n_layer": 36, "d_model": 1024}  # reFlow-1-Big, the model the paper's α was measured on
 
 
 @torch.no_grad()
@@ -88,7 +98,7 @@ def concept_inception(model, *, concepts: list[str] | None = None, prompts: list
     concepts = stim["concepts"] if concepts is None else concepts
     prompts = stim["prompts"] if prompts is None else prompts
     prompts = prompts[:n_prompts] if n_prompts else prompts
-    ids = token_ids(concepts)[0]
+    ids = token_ids(concepts, vocab=model.vocab)[0]
     unit = median_residual_norm(model, prompts)
     alpha_max = alpha_max_rel * unit
     with torch.no_grad():
@@ -145,12 +155,53 @@ def plot_inception(result: InceptionResult):
     return fig
 
 
-def scorecard_rows(result: InceptionResult, scale: str, checkpoint: str) -> list[Row]:
+def paper_band() -> tuple[float, float]:
+    """The ±tolerance band around the paper's α (``inception.alpha`` in ``assets/claims.json``)."""
+    crit = criterion("inception.alpha")
+    return crit["threshold"] * (1 - crit["relative_band"]), crit["threshold"] * (1 + crit["relative_band"])
+
+
+def comparable_control(scale: str, n_layer: int, d_model: int, unit_norm: float) -> Control:
+    """Is α, a length in the residual stream, comparable with the paper's at all?  Only for the paper's configuration
+    at the paper's scale (module docstring)."""
+    ok = scale == "paper" and n_layer == PAPER_SHAPE["n_layer"] and d_model == PAPER_SHAPE["d_model"]
+    return Control(
+        "α comparable: the paper's configuration at the paper's scale", ok,
+        f"this model: {n_layer} layers × {d_model} wide at scale {scale!r}, median ‖h‖ {unit_norm:.3g}; the paper's "
+        f"α ≈ {criterion('inception.alpha')['threshold']:g} is in the residual units of its "
+        f"{PAPER_SHAPE['n_layer']}-layer, {PAPER_SHAPE['d_model']}-wide model, whose residual norm it does not publish, "
+        "so no rescaling to another model is justified")
+
+
+def implant_control(result: InceptionResult) -> Control:
+    """The test can see a concept direction: it implants the concept more often than random directions of the same
+    norm do (one-sided Fisher exact test at α)."""
+    from scipy.stats import fisher_exact
+
+    k, n = int(result.found.sum()), int(result.found.size)
+    k0, n0 = int(np.isfinite(result.null_alpha).sum()), int(result.null_alpha.size)
+    p = float(fisher_exact([[k, n - k], [k0, n0 - k0]], alternative="greater")[1])
+    return Control("concept direction implants beyond random directions", p < FAMILY_ALPHA,
+                   f"{100 * k / n:.0f}% of cases vs random {100 * k0 / n0:.0f}%, Fisher p={p:.2g}", value=p,
+                   threshold=FAMILY_ALPHA)
+
+
+def within_outcome(lo: float, hi: float, band: tuple[float, float]) -> str:
+    """An interval against a band: met when wholly inside, missed when wholly outside, else straddles."""
+    sides = {against(lo, hi, band[0], ">="), against(lo, hi, band[1], "<=")}
+    return MISSED if MISSED in sides else STRADDLES if STRADDLES in sides else MET
+
+
+def scorecard_rows(result: InceptionResult, scale: str, checkpoint: str, control: Control, *, n_layer: int,
+                   d_model: int) -> list[Row]:
+    """inception.alpha: "not testable" unless the model is the paper's configuration at the paper's scale (module
+    docstring); ``control`` is the claim's competence gate from :mod:`reflow_core.experiments.controls`."""
     med = result.median_alpha_per_layer()
     best = int(np.nanargmin(med)) if np.isfinite(med).any() else 0
     found = float(result.found.mean())
-    overall = float(np.nanmedian(np.where(result.found, result.alpha, np.nan))) if result.found.any() else float("nan")
-    if result.found.any():
+    alphas = result.alpha[result.found]
+    overall = float(np.median(alphas)) if alphas.size else float("nan")
+    if alphas.size:
         ours = (f"median α* {overall:.3g} ({overall / result.unit_norm:.2g}× median ‖h‖); lowest at layer {best} "
                 f"({med[best]:.3g}); concept made top-1 in {100 * found:.0f}% of cases vs "
                 f"{100 * result.null_found_rate:.0f}% for random directions")
@@ -158,12 +209,28 @@ def scorecard_rows(result: InceptionResult, scale: str, checkpoint: str) -> list
         ours = (f"no concept made top-1 within α ≤ {result.alpha_max:.3g} "
                 f"({result.alpha_max / result.unit_norm:.2g}× median ‖h‖); random directions: "
                 f"{100 * result.null_found_rate:.0f}%")
-    if scale == "paper" and np.isfinite(overall):
-        verdict = verdict_within(overall, PAPER_ALPHA, 0.25)
-        why = "within 25% of the paper's α; null: random directions of the same norm"
+    comparable = comparable_control(scale, n_layer, d_model, result.unit_norm)
+    band = paper_band()
+    if not comparable.passed:
+        control = combined(f"{comparable.name} + {control.name}", [comparable, control])
+        return [Row(claim_id="inception.alpha", ours=ours, verdict=NOT_TESTABLE,
+                    why=(f"α is a length in the residual stream: the paper's {band[0]:.3g}–{band[1]:.3g} band applies "
+                         f"to its own {PAPER_SHAPE['n_layer']}×{PAPER_SHAPE['d_model']} model only, and the paper gives "
+                         "no residual norm to rescale it by; the concept direction against random directions is "
+                         "reported instead"),
+                    scale=scale, checkpoint=checkpoint, control=control)]
+    control = combined(f"{control.name} + concept direction implants", [control, implant_control(result)])
+    if alphas.size >= 2:
+        _, lo, hi = bootstrap_ci(alphas, np.median)
     else:
-        verdict = NOT_TESTABLE
-        why = ("α is in residual-stream units, which depend on width and depth; the concept direction vs random "
-               "directions of the same norm is the testable part")
-    return [Row(claim_id="inception.alpha",
-                ours=ours, verdict=verdict, why=why, scale=scale, checkpoint=checkpoint)]
+        lo = hi = overall
+    outcome = within_outcome(lo, hi, band) if np.isfinite(overall) else MISSED
+    null = result.null_alpha[np.isfinite(result.null_alpha)]
+    null_med = float(np.median(null)) if null.size else float("nan")
+    null_meets = result.null_found_rate >= 0.5 and band[0] <= null_med <= band[1]
+    return [Row(claim_id="inception.alpha", ours=ours + (f"; 95% CI [{lo:.3g}, {hi:.3g}]" if alphas.size >= 2 else ""),
+                verdict=decide(outcome, control, null_meets_paper=null_meets),
+                why=(f"criterion: median critical α within {band[0]:.3g}–{band[1]:.3g} (bootstrap over implanted cases); "
+                     f"random directions: {100 * result.null_found_rate:.0f}% implanted, median α {null_med:.3g}"
+                     + (" — the null lands in the band too" if null_meets else "")),
+                scale=scale, checkpoint=checkpoint, control=control)]

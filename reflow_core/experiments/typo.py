@@ -15,6 +15,11 @@ GPT-2 tokens (" goverment" → " gover" "ment"), so no single recipe row stands 
 Null: the same measures for **random pairs** — each correct word set against the misspelling of a different word
 (shuffled pairings, many draws). Resilience means matched pairs are closer than random ones; the effect size is the
 matched mean minus the null mean, with a permutation p-value. GPT-2-New and reFlow at initialisation are baselines.
+
+The verdict (:func:`scorecard_rows`) follows the scorecard's rule: the registered criterion (``typo.resilience``:
+read-out effect ≥ 0 beyond the shuffled-pair null at α) on every seed; a "not reproduced" only where the positive
+control — misspellings read like their words in some model at this scale — passed; inconclusive where reFlow at
+initialisation meets the criterion too.
 """
 
 from __future__ import annotations
@@ -27,11 +32,10 @@ import torch
 from reflow_core import tokenizer
 from reflow_core.stimuli import load_words
 from reflow_core.experiments.common import permutation_p, seed_interval, unit_rows, vocab_rows
-from reflow_core.scorecard import NOT_REPRODUCED, REPRODUCED, Row
+from reflow_core.scorecard import MET, MISSED, STRADDLES, Control, Row, criterion, decide
 
 MEASURES = ("recipe", "readout", "top1", "top10")
 TOP_N = 10
-ALPHA = 0.05
 
 
 def typo_pairs() -> tuple[list[tuple[str, str]], list[str]]:
@@ -115,6 +119,9 @@ def typo_resilience(model, pairs=None, templates=None, *, n_null: int = 200, see
     if pairs is None or templates is None:
         p0, t0 = typo_pairs()
         pairs, templates = pairs or p0, templates or t0
+    # a compact vocabulary reads tokens without rows of their own as one shared tail row: such a pair would compare
+    # that row with itself, so it is left out (a full vocabulary keeps every pair)
+    pairs = [p for p in pairs if all(bool(model.vocab.has_own_row(tokenizer.encode(w)).all()) for w in p)]
     correct, typos = [p[0] for p in pairs], [p[1] for p in pairs]
     fc, ft = word_features(model, correct, templates), word_features(model, typos, templates)
     # centre the read-outs per template over all words: what is shared by every word in a context says nothing
@@ -171,24 +178,38 @@ def plot_typo(results: dict[str, list[TypoResult]]):
     return fig
 
 
-def scorecard_rows(results: dict[str, list[TypoResult]], scale: str, checkpoint: str) -> list[Row]:
+def resilience_outcome(rs: list[TypoResult]) -> str:
+    """Where a group's seeds lie against ``typo.resilience``'s criterion: on every seed the matched read-out beats the
+    shuffled pairs by at least the threshold with p < α → met; on no seed → missed; seeds that disagree → straddles."""
+    crit = criterion("typo.resilience")
+    seen = [r.p_value("readout") < crit["alpha"] and r.effect("readout") >= crit["threshold"] for r in rs]
+    return MET if all(seen) else MISSED if not any(seen) else STRADDLES
+
+
+def scorecard_rows(results: dict[str, list[TypoResult]], scale: str, checkpoint: str, control: Control) -> list[Row]:
+    """typo.resilience from the ``reflow`` group (:func:`resilience_outcome`); the p-value is the largest read-out
+    permutation p over seeds; ``control`` is the claim's positive control; reFlow at initialisation meeting the
+    criterion makes the row inconclusive."""
+    crit = criterion("typo.resilience")
     rs = results["reflow"]
     ro = seed_interval([r.mean("readout") for r in rs])
     null = float(np.mean([r.null_mean("readout") for r in rs]))
     p = max(r.p_value("readout") for r in rs)
     t1 = seed_interval([r.mean("top1") for r in rs])
     t1n = float(np.mean([r.null_mean("top1") for r in rs]))
-    base = "; ".join(f"{n} read-out effect {np.mean([r.effect('readout') for r in results[n]]):+.3f}"
-                     for n in results if n != "reflow")
-    held = ro.mean > null and p < ALPHA
+    base = "; ".join(f"{n} read-out effect {np.mean([r.effect('readout') for r in results[n]]):+.3f} "
+                     f"(p={max(r.p_value('readout') for r in results[n]):.3f})" for n in results if n != "reflow")
+    init = results.get("reflow (init)")
+    init_meets = bool(init) and resilience_outcome(init) == MET
     split = float(np.mean([t > 1 for t in rs[0].n_typo_tokens]))
     return [Row(
         claim_id="typo.resilience",
         ours=(f"final read-out cos {ro.fmt('.3f')} vs random pairs {null:.3f} (p={p:.3f}); next-token top-1 "
               f"agreement {t1.fmt('.2f')} vs {t1n:.2f}"),
-        verdict=REPRODUCED if held else NOT_REPRODUCED,
-        why=(f"reproduced = matched pairs beat shuffled pairs (p < {ALPHA}); reFlow effect "
-             f"{np.mean([r.effect('readout') for r in rs]):+.3f}, {base}; {100 * split:.0f}% of misspellings split "
-             f"into several tokens; {len(rs)} seed(s)"),
-        scale=scale, checkpoint=checkpoint,
+        verdict=decide(resilience_outcome(rs), control, null_meets_paper=init_meets),
+        why=(f"criterion: matched pairs' read-out cosine beats shuffled pairs (effect ≥ {crit['threshold']:g}, "
+             f"p < {crit['alpha']:g}) on every seed; reFlow effect {np.mean([r.effect('readout') for r in rs]):+.3f}"
+             + ("; the model at initialisation meets it too" if init_meets else "")
+             + f"; {base}; {100 * split:.0f}% of misspellings split into several tokens; {len(rs)} seed(s)"),
+        scale=scale, checkpoint=checkpoint, control=control, p_value=p,
     )]

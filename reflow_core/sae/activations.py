@@ -3,9 +3,12 @@ held-out documents kept apart.
 
 Train vectors come from random windows of the *train* split (``get_batch``), evaluation vectors from the fixed windows
 of the *val* split (``iter_eval_batches``): the corpus is split by document, so no held-out metric ever sees a
-document the SAE trained on. Activations are normalised by one scalar, c = sqrt(d / E‖x‖²) estimated on the train
-vectors (so E‖c·x‖² = d, SAELens' ``normalize_activations="expected_average_only_in"``); every model is trained and
-scored in normalised units, and :meth:`ActivationSet.denormalize` undoes it before a reconstruction is spliced back.
+document the SAE trained on. Activations are normalised by one scalar, c = √d / E‖x‖ estimated on the train vectors
+(so the mean norm of c·x is √d), as SAELens' ``normalize_activations="expected_average_only_in"`` computes it; every
+model is trained and scored in normalised units, and :meth:`ActivationSet.denormalize` undoes it before a
+reconstruction is spliced back. (We used √(d / E‖x‖²) before; the two agree when norms are alike, but a few rows of
+large norm — the residual stream's first positions — inflate E‖x‖² far more than E‖x‖, and the two then differ by a
+factor 2–3 for the typical token.)
 When the train vectors exceed ``max_bytes`` they are written to a float32 memmap on disk and streamed from there.
 """
 
@@ -76,14 +79,14 @@ def collect(model, hook: str, data_dir: str | Path, *, n_train: int, n_val: int,
     else:
         store = np.empty((n_train, d), dtype=np.float32)
     g = torch.Generator().manual_seed(seed)
-    filled, sq_sum = 0, 0.0
+    filled, norm_sum = 0, 0.0
     bar = tqdm(total=n_train, desc=f"activations {hook} (train)", disable=not progress, leave=False)
     while filled < n_train:
         x, _ = data.get_batch(train_tokens, batch_size, T, g)
         h = read_hook(model, x, hook).reshape(-1, d).float()
         take = min(len(h), n_train - filled)
         store[filled:filled + take] = h[:take].numpy()
-        sq_sum += float(h[:take].pow(2).sum())
+        norm_sum += float(h[:take].norm(dim=-1).double().sum())
         filled += take
         bar.update(take)
     bar.close()
@@ -99,15 +102,20 @@ def collect(model, hook: str, data_dir: str | Path, *, n_train: int, n_val: int,
         if got >= n_val:
             break
     val = torch.cat(vals)[:n_val]
-    scale = math.sqrt(d / (sq_sum / n_train))
+    scale = expected_average_scale(d, norm_sum / n_train)
     return ActivationSet(train=store, val=val, scale=scale, hook=hook, val_windows=torch.cat(windows),
                          val_targets=torch.cat(targets), on_disk=on_disk,
                          meta=dict(n_train=n_train, n_val=len(val), block_size=T, seed=seed))
 
 
+def expected_average_scale(d: int, mean_norm: float) -> float:
+    """SAELens' ``expected_average_only_in`` factor: c = √d / E‖x‖, so that the mean norm of c·x is √d."""
+    return math.sqrt(d) / max(mean_norm, 1e-12)
+
+
 def from_arrays(train: np.ndarray, val: torch.Tensor, hook: str = "synthetic") -> ActivationSet:
     """An :class:`ActivationSet` over given vectors (tests, synthetic data); no token windows."""
     train = np.asarray(train, dtype=np.float32)
-    scale = math.sqrt(train.shape[1] / float((train.astype(np.float64) ** 2).sum(1).mean()))
+    scale = expected_average_scale(train.shape[1], float(np.linalg.norm(train.astype(np.float64), axis=1).mean()))
     empty = torch.zeros(0, 1, dtype=torch.long)
     return ActivationSet(train=train, val=val.float(), scale=scale, hook=hook, val_windows=empty, val_targets=empty)

@@ -2,7 +2,12 @@
 
 * **FVU** — fraction of variance unexplained, Σ‖x − x̂‖² / Σ‖x − x̄‖² over held-out vectors (0 = perfect).
 * **L0** — mean number of active latents per token (k for a Top-K SAE, by construction).
-* **dead fraction** — latents that never fire on the held-out vectors.
+* **dead fraction** — latents that never fire: ``dead_train`` with the final weights on the first 65,536 train
+  vectors (the training distribution over a window of tokens, as Gao et al. and SAELens count dead latents — they
+  count during training, which flatters: aux-k makes a dead latent fire now and then without making it useful;
+  computed once by :func:`reflow_core.sae.train.train_reconstructor`; the SAE competence gate's measure) and
+  ``dead_frac`` on the held-out vectors (stricter still: a latent of a rare word of the train documents may not fire
+  on other documents); ``live`` = width × (1 − dead_train), reported beside the parameter count.
 * **ΔCE and KL when spliced** — the reconstruction (normalisation undone) replaces the residual stream at the *same*
   hook it was read from, for every position of held-out windows; ΔCE = CE(spliced) − CE(clean) on next-token targets,
   KL = KL(p_clean ‖ p_spliced) per token. References: zero-ablation of the hook (the worst case) and a
@@ -133,10 +138,35 @@ RANDOM_REFERENCE_FOR = ("sae", "sae_wide", "joint")  # variants whose norm-match
 PARTS_FOR = {"joint": ("sae_only", "linear_only"), "joint_paper": ("sae_only",)}  # partial reconstructions spliced
 
 
+DEAD_CHECK_VECTORS = 65536  # train vectors on which a latent must fire at least once to count as live
+
+
+def train_check(acts, n: int = DEAD_CHECK_VECTORS) -> torch.Tensor:
+    """The first ``n`` train vectors (random windows of the train split), normalised: where dead latents are counted."""
+    import numpy as np_
+
+    return acts.normalize(torch.from_numpy(np_.asarray(acts.train[: min(n, len(acts.train))], dtype=np_.float32)))
+
+
+@torch.no_grad()
+def fired_on(model, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """Per latent: how many of the vectors ``x`` it fires on."""
+    fired = torch.zeros(model.sae.width)
+    for i in range(0, len(x), batch):
+        fired += (model.sae.encode(x[i:i + batch]) > 0).float().sum(0)
+    return fired
+
+
+def dead_share(model, x: torch.Tensor) -> float:
+    """Share of ``model``'s latents that fire on none of the vectors ``x``."""
+    return float((fired_on(model, x) == 0).float().mean())
+
+
 @torch.no_grad()
 def evaluate_suite(models: dict, acts, lm=None, *, n_windows: int = 16, batch_windows: int = 8,
                    random_for=RANDOM_REFERENCE_FOR, parts_for=PARTS_FOR) -> pd.DataFrame:
-    """One row per (variant, seed): FVU, L0, dead fraction and — with ``lm`` — ΔCE/KL spliced, with references.
+    """One row per (variant, seed): FVU, L0, dead fractions (held-out and train), live latents and — with ``lm`` —
+    ΔCE/KL spliced, with references.
 
     Every spliced forward pass costs a full output projection, so the random-error reference and the partial
     reconstructions (the seed's "joint minus NFM", linear-only) are spliced only for the variants named.
@@ -147,7 +177,11 @@ def evaluate_suite(models: dict, acts, lm=None, *, n_windows: int = 16, batch_wi
         for i, m in enumerate(ms):
             r = reconstruction_metrics(m, x)
             r.pop("freq")
-            rows.append({"variant": variant, "seed_index": i, "params": m.num_params(), "width": m.sae.width, **r})
+            summary = getattr(m, "summary", {})
+            dead_train = summary.get("dead_train", math.nan)
+            rows.append({"variant": variant, "seed_index": i, "params": m.num_params(), "width": m.sae.width, **r,
+                         "dead_train": dead_train, "live": m.sae.width * (1 - dead_train),
+                         "steps": summary.get("steps", math.nan)})
             fns[(variant, i, "full")] = splice_fn(m, acts)
             if variant in random_for:
                 fns[(variant, i, "random")] = random_error_fn(m, acts, seed=i)
@@ -189,8 +223,8 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def summarize(df: pd.DataFrame, metrics=("fvu", "l0", "dead_frac", "kl", "delta_ce", "kl_random",
-                                         "delta_ce_random")) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, metrics=("fvu", "l0", "dead_frac", "dead_train", "live", "kl", "delta_ce",
+                                         "kl_random", "delta_ce_random")) -> pd.DataFrame:
     rows = []
     for variant, g in df.groupby("variant", sort=False):
         row = {"variant": variant, "params": int(g.params.iloc[0]), "width": int(g.width.iloc[0]), "n_seeds": len(g)}
@@ -207,6 +241,21 @@ def paired_reduction(df: pd.DataFrame, metric: str, model: str, baseline: str) -
     b = df[df.variant == baseline].sort_values("seed_index")[metric].to_numpy()
     n = min(len(a), len(b))
     return mean_ci(100 * (1 - a[:n] / b[:n]))
+
+
+def paired_p(df: pd.DataFrame, metric: str, model: str, baseline: str) -> float:
+    """One-sided paired t-test over seeds that ``model``'s metric is lower than ``baseline``'s (log ratio, so that a
+    constant relative gain is one effect); NaN with fewer than two seeds or no spread."""
+    from scipy import stats
+
+    a = df[df.variant == model].sort_values("seed_index")[metric].to_numpy(dtype=float)
+    b = df[df.variant == baseline].sort_values("seed_index")[metric].to_numpy(dtype=float)
+    n = min(len(a), len(b))
+    d = np.log(a[:n]) - np.log(b[:n])
+    d = d[np.isfinite(d)]
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return math.nan
+    return float(stats.ttest_1samp(d, 0.0, alternative="less").pvalue)
 
 
 def seed_style_reduction(df: pd.DataFrame, metric: str = "fvu", model: str = "joint") -> tuple[float, float, float]:
@@ -228,9 +277,11 @@ def effective_directions(model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def norm_table(model, x: torch.Tensor) -> pd.DataFrame:
+def norm_table(model, x: torch.Tensor, x_train: torch.Tensor | None = None) -> pd.DataFrame:
     """Per latent: decoder norm and squared norm, effective (decoder + linear) norm, held-out activation frequency,
-    mean activation when firing, and how far the decoder column moved from its initial value."""
+    how often it fired on train vectors ``x_train`` (``fired_train``; a latent that never fires there got no gradient
+    through the reconstruction), mean activation when firing, and how far the decoder column moved from its initial
+    value."""
     r = reconstruction_metrics(model, x)
     z = torch.cat([model.parts(x[i:i + 4096])["z"] for i in range(0, len(x), 4096)])
     fires = (z > 0).float().sum(0)
@@ -242,32 +293,69 @@ def norm_table(model, x: torch.Tensor) -> pd.DataFrame:
         "norm": norms.numpy(), "sq_norm": norms.pow(2).numpy(),
         "effective_norm": effective_directions(model).norm(dim=0).numpy(),
         "freq": r["freq"], "mean_act": mean_act.numpy(), "moved": moved.numpy(),
+        "fired_train": (fired_on(model, x_train) if x_train is not None else fires).numpy(),
     })
 
 
-def bimodality(values, seed: int = 0) -> dict:
+BIMODAL_BIC_GAIN, BIMODAL_MIN_WEIGHT = 10.0, 0.05
+
+
+def _mixture_stats(v: np.ndarray, seed: int) -> tuple:
+    from sklearn.mixture import GaussianMixture
+
+    g1 = GaussianMixture(1, random_state=seed).fit(v)
+    g2 = GaussianMixture(2, random_state=seed, n_init=3).fit(v)
+    mu, var = g2.means_.ravel(), g2.covariances_.ravel()
+    D = float(math.sqrt(2) * abs(mu[1] - mu[0]) / math.sqrt(var.sum()))
+    return g1, g2, D, float(g1.bic(v) - g2.bic(v))
+
+
+def _em_ashman(x: np.ndarray, w: np.ndarray, mu: np.ndarray, var: np.ndarray, iters: int = 60) -> float:
+    """Ashman's D of a two-component 1-D Gaussian mixture fitted by EM from a warm start (the bootstrap's refit)."""
+    w, mu, var = w.copy(), mu.copy(), np.maximum(var.copy(), 1e-12)
+    for _ in range(iters):
+        logp = np.log(w) - 0.5 * np.log(2 * np.pi * var) - 0.5 * (x[:, None] - mu) ** 2 / var
+        logp -= logp.max(1, keepdims=True)
+        r = np.exp(logp)
+        r /= r.sum(1, keepdims=True)
+        nk = r.sum(0).clip(1e-12)
+        w, mu = nk / len(x), (r * x[:, None]).sum(0) / nk
+        var = np.maximum((r * (x[:, None] - mu) ** 2).sum(0) / nk, 1e-6 * x.var() + 1e-12)
+    return float(math.sqrt(2) * abs(mu[1] - mu[0]) / math.sqrt(var.sum()))
+
+
+def bimodality(values, seed: int = 0, *, n_boot: int = 0) -> dict:
     """Is a 1-D distribution bimodal? Two-component Gaussian mixture vs one by BIC, Ashman's D between the two
     components (> 2 = clean separation), the smaller component's weight, and Sarle's bimodality coefficient
-    (> 0.555 suggests bimodality). Bimodal = BIC prefers 2 by > 10, D > 2, and the smaller weight ≥ 5%."""
+    (> 0.555 suggests bimodality). Bimodal = BIC prefers 2 by > 10, D > 2, and the smaller weight ≥ 5%.
+
+    With ``n_boot`` > 0, a percentile bootstrap over the values gives an interval for D (``ashman_lo``/``ashman_hi``):
+    a D near 2 is a knife-edge that resampling the latents can tip either way."""
     from scipy import stats
-    from sklearn.mixture import GaussianMixture
 
     v = np.asarray(values, dtype=float).reshape(-1, 1)
     n = len(v)
-    g1 = GaussianMixture(1, random_state=seed).fit(v)
-    g2 = GaussianMixture(2, random_state=seed, n_init=3).fit(v)
+    nan = {"bic_gain": math.nan, "ashman_d": math.nan, "ashman_lo": math.nan, "ashman_hi": math.nan,
+           "min_weight": math.nan, "bimodality_coef": math.nan, "means": [math.nan, math.nan],
+           "weights": [math.nan, math.nan], "low_mode": np.zeros(n, dtype=bool), "bimodal": False, "n": n}
+    if n < 10 or float(v.std()) == 0.0:
+        return nan
+    g1, g2, D, d_bic = _mixture_stats(v, seed)
     mu = g2.means_.ravel()
-    var = g2.covariances_.ravel()
     order = np.argsort(mu)
-    D = float(math.sqrt(2) * abs(mu[1] - mu[0]) / math.sqrt(var.sum()))
     skew, kurt = float(stats.skew(v.ravel())), float(stats.kurtosis(v.ravel()))
     bc = (skew**2 + 1) / (kurt + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))) if n > 3 else math.nan
-    d_bic = float(g1.bic(v) - g2.bic(v))
     w_min = float(g2.weights_.min())
-    return {"bic_gain": d_bic, "ashman_d": D, "min_weight": w_min, "bimodality_coef": float(bc),
-            "means": mu[order].tolist(), "weights": g2.weights_[order].tolist(),
-            "low_mode": g2.predict(v).ravel() == order[0],
-            "bimodal": bool(d_bic > 10 and D > 2 and w_min >= 0.05)}
+    lo = hi = D
+    if n_boot:
+        rng = np.random.default_rng(seed)
+        start = (g2.weights_.ravel(), mu, g2.covariances_.ravel())
+        boots = [_em_ashman(v.ravel()[rng.integers(0, n, n)], *start) for _ in range(n_boot)]
+        lo, hi = (float(q) for q in np.quantile(boots, [0.025, 0.975]))
+    return {"bic_gain": d_bic, "ashman_d": D, "ashman_lo": lo, "ashman_hi": hi, "min_weight": w_min,
+            "bimodality_coef": float(bc), "means": mu[order].tolist(), "weights": g2.weights_[order].tolist(),
+            "low_mode": g2.predict(v).ravel() == order[0], "n": n,
+            "bimodal": bool(d_bic > BIMODAL_BIC_GAIN and D > 2 and w_min >= BIMODAL_MIN_WEIGHT)}
 
 
 @torch.no_grad()

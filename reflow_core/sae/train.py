@@ -4,20 +4,27 @@ Every variant is a :class:`Reconstructor` — an SAE plus an optional head on it
 — trained by :func:`train_reconstructor` on the same normalised train vectors, the same number of steps, batch size
 and learning-rate schedule, and the same sampling seed. The variants (:data:`VARIANTS`):
 
-    sae          Top-K SAE, width w, k                                   the seed's baseline, trained independently
+    sae          Top-K SAE, width w, k, trained independently            the baseline the seed names (its code compared
+                                                                         the joint model minus its NFM instead)
     sae_wide     Top-K SAE, same k, width chosen to match joint's parameter count
     sae_linear   SAE + W_lin z, trained jointly                          "linear only": the nonlinear increment's base
     sae_mlp      SAE + W_lin z + MLP(z) of the NFM's nonlinear size      nonlinearity without FM pooling
     joint        SAE + NFM (linear + bi-interaction + MLP), one MSE      the seed's joint model
     sequential   frozen ``sae`` of the same seed + NFM on its residual   the seed's earlier workflow
     sae_paper, joint_paper   the same two models with the seed's recipe (free decoder norms) — for the norm claim
+
+Training (:func:`train_reconstructor`): b_dec starts at the train vectors' geometric median, Adam on the squared error
+summed over d and averaged over tokens, plus aux-k for dead latents in the same units (SAELens 6.x; see
+:mod:`reflow_core.sae.topk`), gradients clipped to global norm 1, warm-up then linear decay to 0 over the last 20% of
+steps (Gao et al.).  Every variant's dead latents are counted afterwards (:mod:`reflow_core.sae.metrics`); the chapter's
+comparisons count only where the compared variants have fewer than 10% (:mod:`reflow_core.sae.gates`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,7 +53,16 @@ class SAEConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps (Gao et al.)
-    dead_steps: int = 200
+    dead_steps: int = 200  # a latent that has not fired for this many steps is dead (aux-k revives it)
+    aux_coef: float = 1.0  # aux-k coefficient (SAELens 6.x: 1, scaled by min(n_dead / k_aux, 1) in the loss)
+    clip_grad: float | None = 1.0  # global gradient-norm clip (SAELens' trainer, and the seed's part15)
+    # Train until live: after ``steps``, while more than ``until_dead`` of the latents never fire on the train check
+    # vectors (metrics.train_check: the first 65,536 train vectors, final weights), train another phase of
+    # ``extra_frac`` × steps (warm-up, then linear decay to 0), at most ``max_extra_phases`` times.  None: the fixed
+    # budget only.
+    until_dead: float | None = None
+    extra_frac: float = 0.5
+    max_extra_phases: int = 2
     log_interval: int = 50
 
 
@@ -98,12 +114,13 @@ def build_variant(name: str, d: int, cfg: SAEConfig, *, seed: int, frozen_sae: T
     init = "paper" if name.endswith("_paper") else "careful"
     if name == "sae_wide":
         joint_params = (2 * d * w + w + d) + d * w + nfm_params(w, d, E)
-        return Reconstructor(TopKSAE(d, width_for_params(d, joint_params), k, dead_steps=cfg.dead_steps))
+        return Reconstructor(TopKSAE(d, width_for_params(d, joint_params), k, dead_steps=cfg.dead_steps,
+                                     aux_coef=cfg.aux_coef))
     if name == "sequential":
         if frozen_sae is None:
             raise ValueError("the sequential variant needs the trained SAE of the same seed (frozen_sae=)")
         return Reconstructor(frozen_sae, NFM(w, d, E), freeze_sae=True)
-    sae = TopKSAE(d, w, k, init=init, dead_steps=cfg.dead_steps)
+    sae = TopKSAE(d, w, k, init=init, dead_steps=cfg.dead_steps, aux_coef=cfg.aux_coef)
     if name in ("sae", "sae_paper"):
         return Reconstructor(sae)
     if name == "sae_linear":
@@ -126,19 +143,52 @@ def lr_at(step: int, cfg: SAEConfig) -> float:
 
 def train_reconstructor(model: Reconstructor, acts, cfg: SAEConfig, *, seed: int, log_path: str | Path | None = None,
                         desc: str = "", progress: bool = True) -> dict:
-    """Adam on the MSE of x̂ (plus aux-k for dead latents); the sampling order depends only on ``seed``.
+    """Adam on the squared error of x̂ (Σ over d, mean over tokens — the same units as the aux-k term) plus aux-k for
+    dead latents, gradients clipped to global norm ``cfg.clip_grad``; the sampling order depends only on ``seed``.
+    With ``cfg.until_dead`` a careful (unit-norm, trainable) SAE is trained on in extra phases until its share of
+    latents that never fire on the train check vectors (:func:`reflow_core.sae.metrics.train_check`) is below it (or
+    the phases run out).
 
-    Returns a summary (final train loss, seconds); writes one JSON line per ``log_interval`` steps to ``log_path``.
+    Returns a summary (final train loss, steps and phases trained, that share of dead latents — ``dead_train`` —,
+    seconds); writes one JSON line per ``log_interval`` steps to ``log_path``.
     """
-    from tqdm.auto import tqdm
+    from reflow_core.sae import metrics
 
+    sae = model.sae
+    if not model.freeze_sae:  # b_dec at the geometric median of train vectors (a sample of its own generator)
+        sae.init_b_dec(acts.sample(min(len(acts.train), 8192), torch.Generator().manual_seed(seed + 7919)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
     g = torch.Generator().manual_seed(seed)
-    sae = model.sae
     log = open(log_path, "a") if log_path else None
-    t0, ema = time.time(), None
+    t0 = time.time()
     model.train()
+    ema = _phase(model, opt, params, acts, cfg, g, 0, log, desc, seed, t0, progress)
+    steps, phases = cfg.steps, 0
+    check = metrics.train_check(acts)
+    dead = metrics.dead_share(model, check)
+    if cfg.until_dead is not None and sae.unit_norm and not model.freeze_sae:
+        while dead >= cfg.until_dead and phases < cfg.max_extra_phases:
+            n = max(1, int(cfg.extra_frac * cfg.steps))
+            phase = replace(cfg, steps=n, warmup_steps=max(1, n // 10))
+            model.train()
+            ema = _phase(model, opt, params, acts, phase, g, steps, log, f"{desc} (+{phases + 1})", seed, t0,
+                         progress)
+            steps, phases = steps + n, phases + 1
+            dead = metrics.dead_share(model, check)
+    if log:
+        log.close()
+    model.eval()
+    return {"train_mse_ema": ema, "seconds": time.time() - t0, "params": model.num_params(), "steps": steps,
+            "extra_phases": phases, "dead_train": dead, "dead_check_vectors": len(check)}
+
+
+def _phase(model: Reconstructor, opt, params, acts, cfg: SAEConfig, g: torch.Generator, step0: int, log, desc: str,
+           seed: int, t0: float, progress: bool) -> float:
+    """``cfg.steps`` optimiser steps with ``cfg``'s learning-rate schedule; returns the EMA of the train MSE."""
+    from tqdm.auto import tqdm
+
+    sae, ema = model.sae, None
     bar = tqdm(range(cfg.steps), desc=desc or "sae", disable=not progress, leave=False, mininterval=1.0)
     for step in bar:
         x = acts.sample(cfg.batch_size, g)
@@ -156,20 +206,21 @@ def train_reconstructor(model: Reconstructor, acts, cfg: SAEConfig, *, seed: int
         loss.backward()
         if not model.freeze_sae:
             sae.remove_parallel_grad()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         opt.step()
         if not model.freeze_sae:
             sae.normalize_decoder()
         mse_v = float(mse.detach())
         ema = mse_v if ema is None else 0.95 * ema + 0.05 * mse_v
         if step % cfg.log_interval == 0 or step == cfg.steps - 1:
-            bar.set_postfix(mse=f"{ema:.4f}")
+            dead = float(sae.dead_mask().float().mean())
+            bar.set_postfix(mse=f"{ema:.4f}", dead=f"{dead:.2f}")
             if log:
-                log.write(json.dumps({"variant": desc, "seed": seed, "step": step, "mse": mse_v,
-                                      "lr": lr_at(step, cfg), "time": round(time.time() - t0, 3)}) + "\n")
-    if log:
-        log.close()
-    model.eval()
-    return {"train_mse_ema": ema, "seconds": time.time() - t0, "params": model.num_params()}
+                log.write(json.dumps({"variant": desc.split(" (+")[0], "seed": seed, "step": step0 + step,
+                                      "mse": mse_v, "dead": dead, "lr": lr_at(step, cfg),
+                                      "time": round(time.time() - t0, 3)}) + "\n")
+    return ema
 
 
 def train_suite(acts, cfg: SAEConfig, seeds: list[int], *, variants=VARIANTS, paper_seeds: list[int] | None = None,
