@@ -5,7 +5,7 @@
     python -m reflow_core bench --preset reflow@smoke --mode side-by-side   # ours vs the plain reference loop
     python -m reflow_core bench --preset reflow@smoke --mode factorisation  # reflow vs gpt2-new, same d and depth
     python -m reflow_core bench --preset reflow@smoke --mode all            # the three loops above, interleaved
-    python -m reflow_core bench --preset reflow@smoke --mode subvocab       # full GPT-2 vocab vs the corpus's own
+    python -m reflow_core bench --preset reflow@smoke --mode recipe         # the scale's recipe vs full vocab, fp32
 
 Method.  Every loop first runs ``warmup`` steps (not timed: allocator, caches, and ``torch.compile`` when asked, whose
 time is reported separately as ``compile_s``).  Then ``repeats`` timed repeats of ``steps`` steps each; a repeat's
@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from reflow_core.config import ConfigError, get_config
@@ -49,7 +48,7 @@ from reflow_core.device import autocast_for, peak_flops
 from reflow_core.train import make_optimizer
 
 SCHEMA_VERSION = 1
-MODES = ("train", "infer", "side-by-side", "factorisation", "all", "subvocab")
+MODES = ("train", "infer", "side-by-side", "factorisation", "all", "recipe")
 ASSETS_BENCH = Path(__file__).resolve().parent / "assets" / "bench"
 
 
@@ -218,65 +217,26 @@ def default_shape(preset: str) -> tuple[int, int]:
 
 
 # ======================================================================================================================
-# The corpus's sub-vocabulary (CPU scales only, behind a flag)
-# ======================================================================================================================
-
-
-@dataclass(frozen=True)
-class SubVocab:
-    """An exact remapping of the GPT-2 ids a corpus uses onto 0..n-1 (compact id i ↔ GPT-2 id ``used[i]``).
-
-    At the CPU scales the output head (N·S·V multiply-adds) is most of a step, and a small corpus uses only part of
-    GPT-2's 50,257 tokens (the smoke corpus: about two thirds), so a model over the used tokens alone computes the
-    same kind of softmax over a smaller V.  Tokens the corpus never contains get no probability at all — which is why
-    this stays a bench option: the book's models keep the full GPT-2 vocabulary.
-    """
-
-    used: np.ndarray  # sorted unique GPT-2 ids, int64
-
-    @classmethod
-    def from_tokens(cls, *arrays) -> "SubVocab":
-        return cls(np.unique(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays])))
-
-    @classmethod
-    def from_data_dir(cls, data_dir: str | os.PathLike) -> "SubVocab":
-        from reflow_core.data import load_tokens
-
-        return cls.from_tokens(load_tokens(data_dir, "train"), load_tokens(data_dir, "val"))
-
-    @property
-    def size(self) -> int:
-        return len(self.used)
-
-    def vocab_size(self, multiple: int = 64) -> int:
-        """The model's vocab_size: the used-token count rounded up to ``multiple`` (ids past it are padding)."""
-        return -(-self.size // multiple) * multiple
-
-    def to_compact(self, ids):
-        """GPT-2 ids → compact ids; an id the corpus never used raises KeyError (the mapping is exact or nothing)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self.used, ids)
-        ok = (pos < self.size) & (self.used[np.minimum(pos, self.size - 1)] == ids)
-        if not ok.all():
-            raise KeyError(f"GPT-2 id(s) {np.unique(ids[~ok])[:10].tolist()} are not in this sub-vocabulary")
-        return pos
-
-    def to_gpt2(self, compact):
-        """Compact ids → GPT-2 ids."""
-        return self.used[np.asarray(compact, dtype=np.int64)]
-
-    def model_overrides(self) -> dict:
-        return {"vocab_size": self.vocab_size(), "real_vocab_size": self.size}
-
-
-# ======================================================================================================================
 # Running
 # ======================================================================================================================
 
 
-def _build(preset: str, device: torch.device, seed: int, overrides: dict | None = None) -> GPT:
+def _build(preset: str, device: torch.device, seed: int) -> GPT:
     torch.manual_seed(seed)
-    return build_model(get_config(preset, **(overrides or {})), "cpu").to(device)
+    model = build_model(get_config(preset), "cpu").to(device)
+    if model.config.compact_vocab:  # which ids own the rows changes nothing in a step's cost
+        model.vocab.set_kept_ids(torch.arange(model.config.compact_vocab))
+    return model
+
+
+def full_vocabulary_preset(preset: str) -> str:
+    """The preset's shape over the full GPT-2 vocabulary: ``reflow@smoke`` → ``reflow@smoke-full``."""
+    return preset if get_config(preset).compact_vocab == 0 else f"{preset}-full"
+
+
+def _vocab_label(preset: str) -> str:
+    k = get_config(preset).compact_vocab
+    return f"compact vocabulary, {k:,} own rows + tail" if k else "full vocabulary"
 
 
 def _time_interleaved(timed: list[Timed], batches, *, phase: str, steps: int, warmup: int, repeats: int,
@@ -342,7 +302,7 @@ def _ratio(name: str, a: Timed, b: Timed) -> dict:
 def run_bench(preset: str = "reflow@smoke", mode: str = "train", *, steps: int = 10, warmup: int = 3,
               repeats: int = 5, batch: int | None = None, block: int | None = None, device: str = "auto",
               dtype: str = "auto", compile: bool = False, threads: int | str | None = None, seed: int = 1337,
-              fused: bool = True, subvocab: "SubVocab | str | None" = None) -> dict:
+              fused: bool = True) -> dict:
     """Run one bench mode; returns the JSON-ready result (machine, settings, rows, ratios)."""
     if mode not in MODES:
         raise ConfigError(f"bench --mode must be one of {MODES}, got {mode!r}")
@@ -366,9 +326,9 @@ def run_bench(preset: str = "reflow@smoke", mode: str = "train", *, steps: int =
         phase = "infer" if mode == "infer" else "train"
         batches = make_batches(min(steps, 8), B, T, config.real_vocab_size, dev, seed)
 
-        def ours(p: str, label: str, overrides: dict | None = None) -> Timed:
-            m = _build(p, dev, seed, overrides)
-            loop = OurLoop(m, dev, dt, compile=compile, fused=fused)
+        def ours(p: str, label: str, dtype: torch.dtype | None = None) -> Timed:
+            m = _build(p, dev, seed)
+            loop = OurLoop(m, dev, dtype or dt, compile=compile, fused=fused)
             return Timed(label, p, "ours", m, loop.step if phase == "train" else loop.infer, [],
                          compile_s=0.0 if compile else None)
 
@@ -385,24 +345,16 @@ def run_bench(preset: str = "reflow@smoke", mode: str = "train", *, steps: int =
         else:
             family, _, size = preset.partition("@")
             other = f"gpt2-new@{size}" if size else "gpt2-new"
-            if family == "gpt2-new" and mode != "subvocab":
+            if family == "gpt2-new" and mode != "recipe":
                 raise ConfigError(f"bench --mode {mode} compares a reFlow preset with gpt2-new; "
                                   "pass e.g. --preset reflow@smoke")
-            if mode == "subvocab":
-                if subvocab is None:
-                    from reflow_core.scales import data_dir_for
-
-                    subvocab = data_dir_for(size or "smoke")
-                sv = subvocab if isinstance(subvocab, SubVocab) else SubVocab.from_data_dir(subvocab)
-                # the same batches, as compact ids (uniform over the used tokens, for both models)
-                batches = [(torch.as_tensor(sv.to_gpt2(bx.cpu().numpy() % sv.size)).to(dev),
-                            torch.as_tensor(sv.to_gpt2(by.cpu().numpy() % sv.size)).to(dev)) for bx, by in batches]
-                compact = [(torch.as_tensor(sv.to_compact(bx.cpu().numpy())).to(dev),
-                            torch.as_tensor(sv.to_compact(by.cpu().numpy())).to(dev)) for bx, by in batches]
-                full = ours(preset, preset)
-                small = ours(preset, f"{preset} sub-vocab {sv.vocab_size()}", sv.model_overrides())
-                small.batches = compact
-                timed = [full, small]
+            if mode == "recipe":
+                # the preset as its scale trains it (a compact vocabulary at smoke, in the precision `auto` picks)
+                # against the same shape over the full GPT-2 vocabulary in float32: the smoke recipe before
+                full = ours(full_vocabulary_preset(preset), f"{full_vocabulary_preset(preset)} (full vocabulary, fp32)",
+                            dtype=torch.float32)
+                chosen = ours(preset, f"{preset} ({_vocab_label(preset)}, {str(dt).removeprefix('torch.')})")
+                timed = [full, chosen]
             elif mode == "factorisation":
                 timed = [ours(preset, preset), ours(other, other)]
             else:
@@ -412,8 +364,8 @@ def run_bench(preset: str = "reflow@smoke", mode: str = "train", *, steps: int =
             ratios.append(_ratio("ours / reference", timed[0], timed[1]))
         if mode in ("factorisation", "all"):
             ratios.append(_ratio(f"{preset} / {timed[-1].label}", timed[0], timed[-1]))
-        if mode == "subvocab":
-            ratios.append(_ratio("sub-vocab / full vocab", timed[1], timed[0]))
+        if mode == "recipe":
+            ratios.append(_ratio("recipe / full vocabulary fp32", timed[1], timed[0]))
         peak = peak_flops(dev, dt)
         return {
             "schema_version": SCHEMA_VERSION,
@@ -424,8 +376,7 @@ def run_bench(preset: str = "reflow@smoke", mode: str = "train", *, steps: int =
             "settings": {"steps": steps, "warmup": warmup, "repeats": repeats, "batch": B, "block": T,
                          "tokens_per_step": B * T, "dtype": str(dt).removeprefix("torch."), "compile": compile,
                          "threads": torch.get_num_threads(), "seed": seed, "fused": fused,
-                         "data": "synthetic uniform token ids, pre-built on the device"
-                                 + (" (drawn from the corpus's used tokens)" if mode == "subvocab" else "")},
+                         "data": "synthetic uniform token ids, pre-built on the device"},
             "peak_flops": peak,
             "rows": [_row(t, phase=phase, batch=B, block=T, peak=peak) for t in timed],
             "ratios": ratios,
@@ -505,6 +456,9 @@ def stored_gpu_results(directory: str | os.PathLike = ASSETS_BENCH) -> list[dict
     return out
 
 
+TRAINING_ENTRY = "training (every model)"
+
+
 def chapter_times(results_dir: str | os.PathLike) -> dict | None:
     """Per-chapter wall seconds from the book runner's ``RUN.json`` (None when the chapter runs alone)."""
     path = Path(results_dir) / "RUN.json"
@@ -512,8 +466,12 @@ def chapter_times(results_dir: str | os.PathLike) -> dict | None:
         return None
     run = json.loads(path.read_text())
     chapters = {name: entry.get("seconds", 0.0) for name, entry in run.get("notebooks", {}).items()}
+    total = run.get("total_seconds", sum(chapters.values()))
+    if run.get("training_seconds"):  # the book trained every model before the chapters (reflow_core.runs.train_all)
+        chapters = {TRAINING_ENTRY: run["training_seconds"], **chapters}
+        total += run["training_seconds"]
     return {"scale": run.get("scale"), "device": run.get("device"), "date": run.get("date"),
-            "total_seconds": run.get("total_seconds", sum(chapters.values())), "chapters": chapters}
+            "total_seconds": total, "chapters": chapters}
 
 
 # ======================================================================================================================
@@ -526,8 +484,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--mode", choices=MODES, default="train",
                         help="train: our step | infer: forward only | side-by-side: ours vs the reference loop, "
                              "interleaved | factorisation: the preset vs gpt2-new at the same size | all: ours, "
-                             "reference and gpt2-new interleaved | subvocab: full GPT-2 vocabulary vs the corpus's "
-                             "used tokens")
+                             "reference and gpt2-new interleaved | recipe: the preset as its scale trains it (compact "
+                             "vocabulary at smoke) vs its shape over the full vocabulary in fp32")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats")
@@ -535,16 +493,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--block", type=int, default=None, help="sequence length (default: the scale's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU; the reference loop uses the same")
+                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; the reference "
+                             "loop uses the same")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (time reported apart)")
     parser.add_argument("--threads", type=lambda v: v if v == "auto" else int(v), default=None,
                         help="torch CPU threads: a number, or 'auto' (the cores not busy by the load average); "
                              "default: torch's")
     parser.add_argument("--no-fused", dest="fused", action="store_false",
                         help="our loop with foreach AdamW instead of fused AdamW (TrainConfig.fused=False)")
-    parser.add_argument("--subvocab-data", default=None,
-                        help="subvocab mode: the prepared dataset whose used tokens form the sub-vocabulary "
-                             "(default: the preset's scale's dataset)")
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     return parser
 
@@ -552,8 +508,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def run_bench_cli(args: argparse.Namespace) -> dict:
     result = run_bench(args.preset, args.mode, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
                        batch=args.batch, block=args.block, device=args.device, dtype=args.dtype,
-                       compile=args.compile, threads=args.threads, fused=args.fused,
-                       subvocab=args.subvocab_data)
+                       compile=args.compile, threads=args.threads, fused=args.fused)
     result["command"] = "python -m reflow_core bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
     print(format_table(result), flush=True)
     if args.out is not None:

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from reflow_core.errors import UserError
-from reflow_core.fileio import pid_alive, sha256_file, write_json_atomic
+from reflow_core.fileio import pid_alive, sha256_file
 
 FORMAT = "reflow-checkpoint"
 FORMAT_VERSION = 1

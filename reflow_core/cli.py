@@ -1,4 +1,4 @@
-"""Command line: ``python -m reflow_core {params,prepare,train,sample,inspect,book,bench} ...``.
+"""Command line: ``python -m reflow_core {params,prepare,train,sample,inspect,book,bench,offline,steer} ...``.
 
 Errors a user can fix (bad config, missing data, divergence, corrupt checkpoint, a busy run folder: every
 :class:`~reflow_core.errors.UserError`) are printed as ``reflow_core: error: <message>`` with no traceback and exit
@@ -79,9 +79,12 @@ def run_train_cli(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from reflow_core.bench import add_bench_arguments, run_bench_cli
+    from reflow_core.sweep import add_sweep_arguments, run_sweep_cli
     from reflow_core.book import add_book_arguments, run_book_cli
     from reflow_core.data import add_prepare_arguments, run_prepare
+    from reflow_core.offline import add_offline_arguments, run_offline_cli
     from reflow_core.sample import add_inspect_arguments, add_sample_arguments, run_inspect_cli, run_sample_cli
+    from reflow_core.steer_app import add_steer_arguments, run_steer_cli
 
     parser = argparse.ArgumentParser(prog="python -m reflow_core", description="reFlow Book tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_book_arguments(p).set_defaults(func=run_book_cli)
     p = sub.add_parser("bench", help="time training steps and inference; compare with the reference loop")
     add_bench_arguments(p).set_defaults(func=run_bench_cli)
+    p = sub.add_parser("sweep", help="learning rate × batch size at one token budget (the smoke recipe's evidence)")
+    add_sweep_arguments(p).set_defaults(func=run_sweep_cli)
+    p = sub.add_parser("offline", help="a scale on an offline GPU host: build the bundle, run the job, unpack results")
+    add_offline_arguments(p).set_defaults(func=run_offline_cli)
+    p = sub.add_parser("steer", help="serve the live steering panel (Voilà) on 127.0.0.1 for any prompt; Ctrl-C stops it")
+    add_steer_arguments(p).set_defaults(func=run_steer_cli)
     return parser
 
 

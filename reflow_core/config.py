@@ -45,8 +45,9 @@ class ModelConfig:
     n_kv_head: int | None = None  # grouped-query attention when < n_head
     mlp_hidden: int | None = None  # None: the block style's rule (4d or the SwiGLU rule)
     block_size: int = 1024
-    vocab_size: int = PADDED_VOCAB_SIZE
-    real_vocab_size: int = GPT2_VOCAB_SIZE  # ids at or above this are padding, never sampled
+    vocab_size: int = PADDED_VOCAB_SIZE  # rows of the vocabulary matrices (padded to a multiple of 64)
+    real_vocab_size: int = GPT2_VOCAB_SIZE  # GPT-2 ids; ids at or above this are padding, never sampled
+    compact_vocab: int = 0  # K > 0: own rows for K ids (the corpus's most frequent) + one shared tail row; 0: all
     topk: int = 64
     target_rate: float = 0.0625  # activation rate held by the soft-sparsity vocabularies (rmg, routed)
     rope_theta: float = 10000.0
@@ -57,6 +58,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the vocabulary matrices that stand for tokens: every GPT-2 id, or K own rows plus the tail row."""
+        return self.compact_vocab + 1 if self.compact_vocab else self.real_vocab_size
 
     @property
     def hidden_dim(self) -> int:
@@ -91,8 +97,10 @@ class ModelConfig:
             raise bad("n_kv_head", "grouped-query attention is only defined for new-style blocks")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
-        if not self.real_vocab_size <= self.vocab_size:
-            raise bad("real_vocab_size", f"must be <= vocab_size={self.vocab_size}")
+        if not isinstance(self.compact_vocab, int) or not 0 <= self.compact_vocab < self.real_vocab_size:
+            raise bad("compact_vocab", f"must be 0 (the full vocabulary) or in 1..{self.real_vocab_size - 1}")
+        if not self.n_rows <= self.vocab_size:
+            raise bad("vocab_size", f"must hold the {self.n_rows} token rows")
         return self
 
     def to_dict(self) -> dict:
@@ -142,7 +150,12 @@ FAMILIES = {
 # Sizes for our scales.  `n_signals` equals `d_model` at every size, as in the paper's configs.
 SIZES = {
     "test": dict(n_layer=2, n_head=2, d_model=32, n_signals=32, block_size=64, topk=8),
-    "smoke": dict(n_layer=6, n_head=4, d_model=128, n_signals=128, block_size=128, topk=16),
+    # smoke: a compact vocabulary, own rows for the 8,192 ids most frequent in its corpus + one tail row (≈2.9× the
+    # tokens/s of the full GPT-2 vocabulary at this width on a CPU, where the head is most of the work)
+    "smoke": dict(n_layer=6, n_head=4, d_model=128, n_signals=128, block_size=128, topk=16,
+                  compact_vocab=8192, vocab_size=8193),
+    # the same shape over the full vocabulary: the smoke recipe before the compact vocabulary (the bench compares)
+    "smoke-full": dict(n_layer=6, n_head=4, d_model=128, n_signals=128, block_size=128, topk=16),
     "small": dict(n_layer=6, n_head=8, d_model=512, n_signals=512, block_size=1024, topk=64),
 }
 
@@ -244,7 +257,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change, e.g. {"dropout": 0.1}
     data_dir: str = "data/wiki-offline"  # a prepared dataset (python -m reflow_core prepare)
     out_dir: str = "results/runs/default"  # checkpoint ckpt/, metrics.jsonl, summary.json
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps (with time_budget_s: the most the run may take)
     tokens_per_step: int | None = None  # global batch in tokens; None: micro_batch_size·block_size·world_size
     micro_batch_size: int = 16  # sequences per forward/backward on one device
     block_size: int | None = None  # training context length; None: the model's block_size
@@ -262,12 +275,18 @@ class TrainConfig:
     log_interval: int = 10  # metrics line (and the only host sync) every this many steps
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
+    # Wall seconds for the whole run (from train() until its final checkpoint). Set: after the first
+    # reflow_core.train.PLAN_AFTER_STEPS steps the measured step time fixes max_steps (never above the configured one)
+    # so that the run *ends* on budget, the cosine decaying over the steps it will really take; the checkpoint
+    # stores the planned max_steps and a resume keeps it. None: run max_steps.
+    time_budget_s: float | None = None
     fused: bool = True  # fused AdamW wherever torch has the kernel (CUDA, and CPU since torch 2.4); False: foreach
     threads: int | None = None  # torch CPU threads for this run; None leaves torch's default
     resume: str = "auto"  # auto: continue from out_dir's checkpoint if there is one | never | must
     save_init: bool = True  # also keep the weights at step 0 as out_dir/init/ (the "before training" null)
+    snapshots: bool = False  # also keep the weights of every checkpoint step as out_dir/snapshots/step-<N>/
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self) -> None:
@@ -358,6 +377,8 @@ class TrainConfig:
         for name in ("tokens_per_step", "block_size", "lr_decay_steps", "threads"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise bad(name, "must be a positive integer or None")
+        if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            raise bad("time_budget_s", "must be a positive number of seconds or None")
         if not self.model:
             raise bad("model", "must name a preset")
         if not self.data_dir:

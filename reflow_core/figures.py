@@ -19,8 +19,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
 from reflow_core.scales import scale_rank
 
 FIGURE_NAME_RE = re.compile(r"^fig-[a-z0-9]+(?:-[a-z0-9]+)+$")
@@ -56,16 +54,20 @@ def apply_style() -> None:
 
 @functools.lru_cache(maxsize=1)
 def device_description() -> str:
-    """``"cuda:<GPU name>"`` (with ``×N`` for several GPUs) or ``"cpu"``: the device a stamp and RUN.json name."""
-    try:
-        import torch
-    except ImportError:  # the book runner also works without torch
-        return "cpu"
+    """``"cuda:<GPU name> bf16"`` (with ``×N`` for several GPUs) or ``"cpu fp32"`` / ``"cpu bf16"``: the device and the
+    precision training autocasts to there (:func:`reflow_core.device.auto_dtype`), as a stamp and RUN.json name them —
+    a reader's number then says what produced it."""
+    import torch
+
+    from reflow_core.device import auto_dtype
+
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
-        name = torch.cuda.get_device_name(0)
-        return f"cuda:{name}" + (f" ×{n}" if n > 1 else "")
-    return "cpu"
+        where = f"cuda:{torch.cuda.get_device_name(0)}" + (f" ×{n}" if n > 1 else "")
+        device = torch.device("cuda")
+    else:
+        where, device = "cpu", torch.device("cpu")
+    return f"{where} {'bf16' if auto_dtype(device) == torch.bfloat16 else 'fp32'}"
 
 
 def validate_figure_name(name: str) -> str:

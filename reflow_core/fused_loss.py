@@ -15,13 +15,77 @@ always float32, as ``F.cross_entropy(logits.float(), …)`` is on the textbook p
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 
 # Positions per chunk.  CPU: 512 × 50,304 float32 logits ≈ 103 MB; on the book's 2-core machine a reflow@smoke
 # forward+backward took 816/771/765/739/728 ms at 64/128/256/512/1,024 positions per chunk (one run each).
-# CUDA (not measured here: no GPU was lent while this was written): large chunks keep the matmuls big enough to fill
-# the device; 8,192 positions ≈ 1.6 GB of float32 logits, still far below the unchunked N × V.
+# CUDA: 8,192 positions ≈ 1.6 GB of float32 logits (far below the unchunked N × V) is only the fallback; a training
+# run measures its own size (below). No GPU was lent while this was written, so neither is a measured number yet.
 DEFAULT_CHUNK = {"cpu": 512, "cuda": 8192}
+# On CUDA the size is measured instead (calibrate_chunk, at the start of every CUDA training run): which is fastest
+# depends on the device, the head's width and the autocast dtype, and a guess can cost a few percent of every step.
+CUDA_CANDIDATES = (2048, 4096, 8192, 16384, 32768)
+CALIBRATION_LOGITS_BYTES = 4 << 30  # no candidate whose float32 logits (chunk × V) would exceed 4 GiB
+
+_override: dict[str, int] = {}  # device type -> chunk set by chunk_for(), for the duration of a training run
+
+
+def default_chunk(device_type: str) -> int:
+    """Positions per chunk when the caller gives none: a training run's calibrated size, else the table."""
+    return _override.get(device_type) or DEFAULT_CHUNK.get(device_type, 1024)
+
+
+@contextlib.contextmanager
+def chunk_for(device_type: str, chunk: int | None):
+    """Use ``chunk`` positions per chunk on ``device_type`` inside the block (the model's loss passes no size)."""
+    before = _override.get(device_type)
+    if chunk:
+        _override[device_type] = int(chunk)
+    try:
+        yield
+    finally:
+        if before is None:
+            _override.pop(device_type, None)
+        else:
+            _override[device_type] = before
+
+
+def calibrate_chunk(device: torch.device, k: int, vocab: int, positions: int, dtype: torch.dtype, *,
+                    candidates=CUDA_CANDIDATES, repeats: int = 3) -> tuple[int, dict[int, float]]:
+    """The fastest chunk size for a forward + backward of the loss over ``positions`` positions of width ``k``
+    against a ``vocab`` × ``k`` head in autocast ``dtype`` on ``device``: each candidate (no larger than
+    ``positions``, its logits within CALIBRATION_LOGITS_BYTES) is run once untimed, then ``repeats`` times; the best
+    of the medians wins. Returns ``(chunk, {chunk: seconds})``. Random inputs: the time does not depend on values.
+    A few tenths of a second on a GPU at the book's sizes."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(positions, k, generator=gen) * 0.02).to(device).requires_grad_(True)
+    weight = (torch.randn(vocab, k, generator=gen) * 0.02).to(device).requires_grad_(True)
+    targets = torch.randint(0, vocab, (positions,), generator=gen).to(device)
+    sizes = sorted({min(c, positions) for c in candidates if c * vocab * 4 <= CALIBRATION_LOGITS_BYTES}) or [positions]
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    timings = {}
+    for chunk in sizes:
+        runs = []
+        for i in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            with autocast:
+                loss = linear_cross_entropy(x, weight, targets, chunk=chunk)
+            loss.backward()
+            sync()
+            if i:  # the first run allocates and picks kernels
+                runs.append(time.perf_counter() - t0)
+            x.grad = weight.grad = None
+        timings[chunk] = sorted(runs)[len(runs) // 2]
+    return min(timings, key=timings.get), timings
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -77,7 +141,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     (positions equal to ``ignore_index`` do not count), as ``F.cross_entropy`` computes it, without the logits."""
     if x.shape[:-1] != targets.shape:
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match inputs {tuple(x.shape[:-1])}")
-    chunk = chunk or DEFAULT_CHUNK.get(x.device.type, 1024)
+    chunk = chunk or default_chunk(x.device.type)
     grad = torch.is_grad_enabled()  # (inside a Function's forward it is always off, so decide here)
     return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk, grad and x.requires_grad,
                                      grad and weight.requires_grad)

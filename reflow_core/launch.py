@@ -11,6 +11,10 @@ The child is ``python -m torch.distributed.run --standalone --nproc_per_node=N -
 replaced by one log line per ``log_interval`` (``REFLOW_PROGRESS=lines``) because carriage-return bar updates arrive
 as separate lines through a pipe and would flood the cell.  A failed child raises :class:`LaunchError` carrying the
 child's own error lines and the tail of its output.
+
+What is echoed — the command and the child's lines — names paths relative to the repository root (home and temp
+folders as ``~`` and ``$TMPDIR``, :mod:`reflow_core.public_paths`): a notebook of record must not print the machine
+that produced it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from reflow_core.config import TrainConfig
 from reflow_core.errors import ERROR_PREFIX, InvalidArgumentError, UserError
+from reflow_core.public_paths import redact
 from reflow_core.runlock import check_unlocked
 from reflow_core.train import ENV_PROGRESS
 
@@ -61,6 +66,21 @@ def default_nproc(config: TrainConfig, env: dict[str, str] | None = None) -> int
 def launch_command(config_path: str | Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "reflow_core", "train", "--config", str(config_path)]
+
+
+def shown_command(cmd: list[str]) -> str:
+    """``cmd`` as the notebook shows it: ``$ <command>`` with paths relative to the repository root."""
+    return "$ " + " ".join(redact(part) for part in cmd)
+
+
+_RUNNING: set[subprocess.Popen] = set()  # children of launch() still running, for stop_all()
+
+
+def stop_all() -> None:
+    """Stop every training child that :func:`launch` started and that still runs (its callers' threads do not see
+    Ctrl-C: the thread that does calls this)."""
+    for proc in list(_RUNNING):
+        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -110,14 +130,16 @@ def launch(config: TrainConfig | dict, *, nproc: int | None = None, env: dict[st
     # the child must import this very reflow_core, also when it is not installed (a checkout on sys.path)
     package_root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH")) if p)
-    echo = echo or (lambda line: print(line, flush=True))
+    show = echo or (lambda line: print(line, flush=True))
+    echo = lambda line: show(redact(line))  # noqa: E731  (what the child prints names its paths too)
 
     cmd = launch_command(config_path, nproc)
-    echo(f"$ {' '.join(cmd)}")
+    show(shown_command(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     errors: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True,
                             errors="replace", bufsize=1, start_new_session=True)
+    _RUNNING.add(proc)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -131,6 +153,7 @@ def launch(config: TrainConfig | dict, *, nproc: int | None = None, env: dict[st
         _stop(proc)
         raise
     finally:
+        _RUNNING.discard(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 

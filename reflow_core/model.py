@@ -156,10 +156,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Vocabulary modules: token ids -> vectors, and final hidden state -> logits, with the same weights
-
-
-# ----------------------------------------------------------------------------------------------
 # The model
 
 
@@ -236,7 +232,7 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, last_only: bool = False,
         return_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits, and the mean cross-entropy against ``targets`` (-1 = ignore) when given.
+        """Logits over GPT-2 ids, and the mean cross-entropy against ``targets`` (GPT-2 ids, -1 = ignore) when given.
 
         ``return_logits=False`` (training) computes the loss without materialising the N×V logits
         (:func:`reflow_core.fused_loss.linear_cross_entropy`) and returns ``(None, loss)``.
@@ -247,10 +243,22 @@ class GPT(nn.Module):
                 h = h[:, -1:, :]
             return self.vocab.logits(h), None
         if not return_logits:
-            return None, linear_cross_entropy(*self.vocab.head(h), targets, ignore_index=-1)
+            return None, self.loss_from_hidden(h, targets)
         logits = self.vocab.logits(h)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over GPT-2 ids of final-normed states ``h`` against ``targets`` (-1 = ignore), computed
+        over the vocabulary's rows without the N×V logits: for a compact vocabulary a target without its own row is
+        the tail row, plus log(tail size) (a constant, no gradient)."""
+        valid = targets >= 0
+        rows = torch.where(valid, self.vocab.rows_of(targets.clamp_min(0)), -1)
+        loss = linear_cross_entropy(*self.vocab.head(h), rows, ignore_index=-1)
+        if self.vocab.compact:
+            tail = (rows == self.vocab.compact) & valid
+            loss = loss + tail.sum() / valid.sum().clamp_min(1) * self.vocab.tail_log_size()
+        return loss
 
     # -- the lens ------------------------------------------------------------------------------
     def signal_readout(self, h: torch.Tensor) -> torch.Tensor:

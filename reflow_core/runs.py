@@ -7,16 +7,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from reflow_core import data
-from reflow_core.checkpoint import CheckpointNotFoundError, load_model
-from reflow_core.launch import launch
+from reflow_core.checkpoint import CheckpointNotFoundError, load_model, read_meta
+from reflow_core.launch import launch, stop_all
 from reflow_core.model import build_model
-from reflow_core.scales import checkpoint_dir, data_dir_for, get_scale, train_config
+from reflow_core.scales import (CORE_FAMILIES, checkpoint_dir, data_dir_for, get_scale, train_config,
+                                trained_families)
+from reflow_core.train import SNAPSHOT_DIR
 
 
 def ensure_data(scale: str) -> Path:
@@ -30,39 +33,122 @@ def ensure_data(scale: str) -> Path:
     return path
 
 
+ENV_EVAL_DEVICE = "REFLOW_EVAL_DEVICE"  # cpu | cuda | auto: overrides the scale's `device` for the chapters' models
+REFERENCE_FAMILY = CORE_FAMILIES[0]  # under a time budget, reFlow's first seed fixes the steps of every other run
+
+
+def eval_device(scale: str) -> str:
+    """Where chapters put trained models at ``scale``: REFLOW_EVAL_DEVICE if set, else the scale's ``device``;
+    "auto" is CUDA when torch sees a GPU, else the CPU."""
+    choice = os.environ.get(ENV_EVAL_DEVICE) or get_scale(scale).device
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def run_config(scale: str, family: str, results_dir=None, seed: int | None = None):
+    """The TrainConfig of one run at ``scale``. Under a time budget (``time_budget_s``), only the reference run
+    (reFlow, first seed) sizes its steps from its measured throughput; every other family and seed trains exactly
+    the steps that run took (trained first if needed), so that comparisons between them stay at one token budget."""
+    config = train_config(scale, family, results_dir, seed)
+    reference = family == REFERENCE_FAMILY and (seed is None or seed == get_scale(scale).seeds[0])
+    if config.time_budget_s is None or reference:
+        return config
+    steps = ensure_model(scale, REFERENCE_FAMILY, results_dir)["steps"]
+    return config.replace(max_steps=steps, warmup_steps=min(config.warmup_steps, steps), time_budget_s=None)
+
+
+def finished(summary: dict, config) -> bool:
+    """Whether a stored run summary is the finished run of ``config``: all its steps, which under a time budget are
+    the steps the run planned (its summary's ``max_steps``, at most ``config.max_steps``)."""
+    if config.time_budget_s is not None:
+        planned = summary.get("max_steps")
+        return bool(summary.get("plan")) and planned is not None and planned <= config.max_steps \
+            and summary.get("steps") == planned
+    return summary.get("steps") == config.max_steps
+
+
 def ensure_model(scale: str, family: str, results_dir=None, seed: int | None = None, nproc: int | None = None):
     """Train ``family`` at ``scale`` unless a finished run is already stored; return its summary."""
-    config = train_config(scale, family, results_dir, seed)
+    config = run_config(scale, family, results_dir, seed)
     summary_path = Path(config.out_dir) / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary.get("steps") == config.max_steps:
+        if finished(summary, config):
             return summary
     ensure_data(scale)
     return launch(config, nproc=nproc)
 
 
-def load_trained(scale: str, family: str, results_dir=None, seed: int | None = None, *, device: str = "cpu",
+def train_all(scale: str, results_dir=None, *, parallel: int | None = None) -> dict[str, float]:
+    """Train every run the book needs at ``scale`` (each family of :func:`scales.trained_families` at each seed) that
+    is not already stored, ``parallel`` runs at a time; returns each run's wall seconds (0 when it was stored).
+
+    On the CPU, ``parallel`` defaults to the number of cores, each run on one thread: models this small keep one core
+    busy far better than they share two (the book's smoke note measures both), and the runs are independent. On
+    CUDA, one run at a time. Under a time budget the reference run (reFlow, first seed) trains first, alone, because
+    it fixes every other run's steps (:func:`run_config`)."""
+    from concurrent.futures import ThreadPoolExecutor  # runs are subprocesses: threads here only wait on them
+    import time
+
+    cuda = eval_device(scale) == "cuda"
+    if parallel is None:
+        parallel = 1 if cuda else max(1, os.cpu_count() or 1)
+    runs = [(f, s) for f in trained_families(scale) for s in get_scale(scale).seeds]
+    seconds: dict[str, float] = {}
+
+    def one(run: tuple[str, int]) -> None:
+        family, seed = run
+        t0 = time.perf_counter()
+        config = run_config(scale, family, results_dir, seed)
+        summary_path = Path(config.out_dir) / "summary.json"
+        if summary_path.exists() and finished(json.loads(summary_path.read_text()), config):
+            seconds[f"{family}-seed{seed}"] = 0.0
+            return
+        ensure_data(scale)
+        if parallel > 1:
+            config = config.replace(threads=max(1, (os.cpu_count() or 1) // parallel))
+        launch(config, echo=lambda line: print(f"[{family}-seed{seed}] {line}", flush=True))
+        seconds[f"{family}-seed{seed}"] = round(time.perf_counter() - t0, 1)
+
+    ensure_data(scale)
+    if get_scale(scale).train.get("time_budget_s") is not None:
+        one(runs.pop(0))  # the reference run: (REFERENCE_FAMILY, first seed)
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        for future in [pool.submit(one, run) for run in runs]:
+            future.result()
+    except BaseException:  # Ctrl-C (seen by this thread only) or a failed run: stop the others, queue nothing more
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_all()
+        raise
+    pool.shutdown()
+    return seconds
+
+
+def load_trained(scale: str, family: str, results_dir=None, seed: int | None = None, *, device: str | None = None,
                  train_if_missing: bool = True):
     """The trained model of ``family`` at ``scale`` (training it first if needed), in eval mode.
 
-    Returns ``(model, label)`` where ``label`` names the checkpoint for figure stamps and captions.
+    Returns ``(model, label)`` where ``label`` names the checkpoint for figure stamps and captions. ``device``
+    None: the scale's (:func:`eval_device`).
     """
     run = checkpoint_dir(scale, family, results_dir, seed)
     if train_if_missing:
         ensure_model(scale, family, results_dir, seed)
-    model, meta = load_model(run, device=device)
+    model, meta = load_model(run, device=device or eval_device(scale))
     model.eval()
     return model, f"{run.name}@step{meta['step']}"
 
 
-def load_initial(scale: str, family: str, results_dir=None, seed: int | None = None, *, device: str = "cpu"):
+def load_initial(scale: str, family: str, results_dir=None, seed: int | None = None, *, device: str | None = None):
     """The same model at initialisation (step 0), the null for every "did training create this?" question.
 
     The stored ``init`` checkpoint, or the same weights rebuilt from the run's config and seed exactly as training
     builds them (seed, then ``build_model`` on the CPU) when there is none.
     """
     run = checkpoint_dir(scale, family, results_dir, seed)
+    device = device or eval_device(scale)
     try:
         model, _ = load_model(run / "init", device=device)
         label = f"{run.name}@init"
@@ -85,6 +171,19 @@ def load_models(scale: str, family: str, results_dir=None, *, initial: bool = Fa
         models.append(model)
         labels.append(label)
     return models, labels
+
+
+def snapshot_dirs(scale: str, family: str, results_dir=None, seed: int | None = None) -> list[Path]:
+    """The weights a run kept at each checkpoint step (``TrainConfig.snapshots``), in step order; empty if none."""
+    root = checkpoint_dir(scale, family, results_dir, seed) / SNAPSHOT_DIR
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def checkpoint_identity(path) -> dict:
+    """What identifies a checkpoint's weights: step, tokens seen and the weight file's sha256 (from its checked
+    meta.json), so a cache of anything computed from them can tell when the weights changed."""
+    meta = read_meta(path)
+    return {"step": meta["step"], "tokens": meta["tokens_seen"], "sha256": meta["files"]["model.safetensors"]["sha256"]}
 
 
 COMPARISON_GROUPS = ("reflow", "gpt2-new", "reflow (init)", "reflow-topk")

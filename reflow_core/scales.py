@@ -27,6 +27,7 @@ class Scale:
     seeds: tuple[int, ...] = (1337,)
     budgets: dict = field(default_factory=dict)  # chapter -> its experiment budget at this scale (see budget())
     description: str = ""
+    device: str = "auto"  # where chapters evaluate trained models: auto (CUDA when there is one, else CPU) | cpu | cuda
 
 
 # Experiment budgets per chapter.  "sae" fields are those of reflow_core.sae.train.SAEConfig's budget (width as a
@@ -38,8 +39,11 @@ _SAE = {
                  n_seeds=2, lr=1e-3),
     "smoke": dict(width_mult=4, k=16, embed_dim=64, steps=600, batch_size=256, n_train=100_000, n_val=8192,
                   n_windows=8, n_seeds=3, lr=1e-3),
-    "small": dict(width_mult=8, k=32, embed_dim=128, steps=20_000, batch_size=4096, n_train=4_000_000,
-                  n_val=65536, n_windows=32, n_seeds=3, lr=4e-4),
+    # small: what fits the 9-minute slot beside training (the SAE suite runs on the CPU): smoke's recipe at d = 512
+    "small": dict(width_mult=4, k=32, embed_dim=64, steps=400, batch_size=512, n_train=100_000, n_val=8192,
+                  n_windows=8, n_seeds=2, lr=1e-3),
+    "medium": dict(width_mult=8, k=32, embed_dim=128, steps=5_000, batch_size=4096, n_train=1_000_000,
+                   n_val=65536, n_windows=32, n_seeds=3, lr=4e-4),
     "paper": dict(width_mult=16, k=64, embed_dim=256, steps=100_000, batch_size=4096, n_train=20_000_000,
                   n_val=262144, n_windows=64, n_seeds=3, lr=2e-4),
 }
@@ -54,10 +58,22 @@ _BENCH = {
 _BENCH_DEFAULT = dict(steps=5, warmup=2, repeats=5, batch=None)
 
 
+# The families that chapters 02 (training) and 08 (sparsity variants) train, per scale; a chapter leaves out what its
+# scale does not train and says so in its text. Every chapter that compares recipe spaces needs CORE_FAMILIES.
+CORE_FAMILIES = ("reflow", "gpt2-new", "reflow-topk")
+_FAMILIES_ALL = {"training": ("reflow", "gpt2-new", "gpt2"),
+                 "sparsity_variants": ("reflow", "reflow-topk", "reflow-rmg", "reflow-routed")}
+_FAMILIES = {  # small: three models fit the one-GPU slot, six do not
+    "small": {"training": ("reflow", "gpt2-new"), "sparsity_variants": ("reflow", "reflow-topk")},
+}
+
+
 def _budgets(name: str) -> dict:
     return {"sae": _SAE[name], "steering": _STEERING, "followups": _FOLLOWUPS.get(name, _FOLLOWUPS_DEFAULT),
-            "bench": _BENCH.get(name, _BENCH_DEFAULT)}
+            "bench": _BENCH.get(name, _BENCH_DEFAULT), "families": _FAMILIES.get(name, _FAMILIES_ALL)}
 
+
+SMOKE_STEPS = 800  # 1.64M tokens per model: what six models and every chapter fit in 45 minutes on 2 cores
 
 SCALES: dict[str, Scale] = {
     "test": Scale(
@@ -67,35 +83,61 @@ SCALES: dict[str, Scale] = {
         train=dict(
             max_steps=30, tokens_per_step=512, micro_batch_size=8, block_size=64,
             lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=10, eval_batches=2,
-            ckpt_interval=30, log_interval=5,
+            ckpt_interval=10, log_interval=5, snapshots=True,
         ),
         budgets=_budgets("test"),
         description="toy models, a few steps: proves every notebook runs (CI)",
     ),
+    # smoke: the default, two CPU cores. Compact vocabulary (the 8,192 most frequent ids of the training corpus own a
+    # row; reflow_core.vocab), the offline smoke-mix (`make corpora`; the embedded Wikipedia alone where apt is
+    # missing), and the recipe the sweep chose (reflow_core/assets/sweeps/smoke.json, fig-cost-sweep): lr 4e-3 at
+    # 2,048 tokens per step beat 1e-3/2e-3/8e-3 and 8,192 tokens per step at an equal token budget. Every family trains
+    # the same steps, so every comparison is at one token budget. Snapshots every 200 steps feed the competence figure.
     "smoke": Scale(
         name="smoke",
-        data_source="wiki-offline",
+        data_source="smoke-mix",
         size="smoke",
         train=dict(
-            max_steps=150, tokens_per_step=2048, micro_batch_size=16, block_size=128,
-            lr=3e-3, min_lr=3e-4, warmup_steps=15, eval_interval=50, eval_batches=20,
-            ckpt_interval=50, log_interval=10,
+            max_steps=SMOKE_STEPS, tokens_per_step=2048, micro_batch_size=16, block_size=128,
+            lr=4e-3, min_lr=4e-4, warmup_steps=40, eval_interval=100, eval_batches=20,
+            ckpt_interval=200, log_interval=20, snapshots=True,
         ),
         budgets=_budgets("smoke"),
-        description="small models on the embedded Wikipedia corpus; whole book on 2 CPU cores",
+        description="6-layer d=128 models with a compact 8k vocabulary on an offline English mix; "
+                    "whole book on 2 CPU cores in under 45 minutes",
     ),
+    # small: what one H100 does in a 9-minute slot, install and every chapter included (reflow_core/offline.py).
+    # reFlow's run gets time_budget_s: after 20 steps its measured step time fixes max_steps (≤ 20,000) so that it
+    # ends on time; every other family and seed then trains those same steps (reflow_core.runs.ensure_model), so
+    # the comparisons stay at one token budget. ~65K tokens/step. compile stays off: torch.compile's first step (tens
+    # of seconds for these blocks) would be paid by each of the three runs out of a 60-second budget, against a gain
+    # nobody has measured here yet (no GPU was lent); `--set compile=true` or the bench's --compile measures it.
     "small": Scale(
         name="small",
         data_source="small-mix",
         size="small",
         train=dict(
-            max_steps=3000, tokens_per_step=65536, micro_batch_size=32, block_size=1024,
+            max_steps=20_000, time_budget_s=60.0, compile=False, tokens_per_step=65536, micro_batch_size=32,
+            block_size=1024,
+            lr=1.5e-3, min_lr=1.5e-4, warmup_steps=50, eval_interval=100, eval_batches=10,
+            ckpt_interval=250, log_interval=25, snapshots=True,
+        ),
+        budgets=_budgets("small"),
+        description="reFlow-Small-class models (≈46M), three families at one seed, on one GPU in a 9-minute slot",
+    ),
+    # medium: about one GPU-hour: the same models, every family at three seeds (18 runs of ~3 minutes each).
+    "medium": Scale(
+        name="medium",
+        data_source="small-mix",
+        size="small",
+        train=dict(
+            max_steps=50_000, time_budget_s=180.0, tokens_per_step=131072, micro_batch_size=32, block_size=1024,
             lr=1.5e-3, min_lr=1.5e-4, warmup_steps=200, eval_interval=250, eval_batches=40,
-            ckpt_interval=500, log_interval=25,
+            ckpt_interval=500, log_interval=25, snapshots=True,
         ),
         seeds=(1337, 1338, 1339),
-        budgets=_budgets("small"),
-        description="reFlow-Small-class models (≈46M) on one GPU in about an hour",
+        budgets=_budgets("medium"),
+        description="reFlow-Small-class models (≈46M), every family at three seeds, on one GPU in about an hour",
     ),
     "paper": Scale(
         name="paper",
@@ -132,8 +174,23 @@ def scale_rank(name: str) -> int:
 
 
 def budget(scale: str, chapter: str) -> dict:
-    """The experiment budget of ``chapter`` ("sae", "steering", "followups", "bench") at ``scale``."""
+    """The experiment budget of ``chapter`` ("sae", "steering", "followups", "bench", "families") at ``scale``."""
     return dict(get_scale(scale).budgets[chapter])
+
+
+def chapter_families(scale: str, chapter: str, candidates=None) -> tuple[str, ...]:
+    """The families ``chapter`` ("training", "sparsity_variants") trains at ``scale``: its ``families`` budget,
+    kept to ``candidates`` (in their order) when given."""
+    trained = budget(scale, "families").get(chapter, _FAMILIES_ALL.get(chapter, ()))
+    return tuple(f for f in (candidates if candidates is not None else trained) if f in trained)
+
+
+def trained_families(scale: str) -> tuple[str, ...]:
+    """Every family the book trains at ``scale`` (CORE_FAMILIES first), in the order they are trained."""
+    out = list(CORE_FAMILIES)
+    for families in budget(scale, "families").values():
+        out += [f for f in families if f not in out]
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,8 +45,12 @@ class TokenCheck:
         return f"{len(self.ids)} kept, {len(self.dropped)} dropped ({why})"
 
 
-def check_tokens(words: Iterable[str]) -> TokenCheck:
-    """Keep the words that are exactly one GPT-2 token; say why each other word is dropped.
+NOT_IN_VOCABULARY = "not in this model's vocabulary (its compact vocabulary has no row of its own for it)"
+
+
+def check_tokens(words: Iterable[str], vocab=None) -> TokenCheck:
+    """Keep the words that are exactly one GPT-2 token (and, given a model's ``vocab``, that have a row of their own
+    in it); say why each other word is dropped.
 
     Mind the leading space: ``" king"`` (inside text) and ``"king"`` (start of text) are different tokens.
     """
@@ -62,18 +66,20 @@ def check_tokens(words: Iterable[str]) -> TokenCheck:
             dropped[w] = f"splits into {len(toks)} tokens {pieces}" if toks else "empty"
         elif toks[0] in seen:
             dropped[w] = f"same token as {seen[toks[0]]!r}"
+        elif vocab is not None and not bool(vocab.has_own_row([toks[0]])[0]):
+            dropped[w] = NOT_IN_VOCABULARY
         else:
             seen[toks[0]] = w
             ids[w] = toks[0]
     return TokenCheck(ids, dropped)
 
 
-def category_ids(categories: dict[str, list[str]]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
-    """Single-token ids per category, and the dropped words (with why) over all categories.
+def category_ids(categories: dict[str, list[str]], vocab=None) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    """Single-token ids per category, and the dropped words (with why) over all categories (see :func:`check_tokens`).
 
     A word listed in two categories is kept in the first only (a row cannot carry two labels).
     """
-    check = check_tokens(w for ws in categories.values() for w in ws)
+    check = check_tokens((w for ws in categories.values() for w in ws), vocab)
     out: dict[str, dict[str, int]] = {}
     taken: set[str] = set()
     for cat, ws in categories.items():
@@ -100,24 +106,22 @@ def load_stimuli(name: str) -> dict:
     return json.loads(files("reflow_core").joinpath(f"assets/prompts/{name}.json").read_text())
 
 
-def token_ids(words: list[str], *, strict: bool = True) -> tuple[list[int], list[str]]:
-    """Ids of ``words`` that are exactly one GPT-2 token, and the words that are not.
+def token_ids(words: list[str], *, strict: bool = True, vocab=None) -> tuple[list[int], list[str]]:
+    """Ids of ``words`` that are exactly one GPT-2 token (with a row of their own in a model's ``vocab``, if given),
+    and the words that are not.
 
-    ``strict=True`` raises when a word splits: the experiments compare single rows of per-token matrices, so a
-    multi-token word would silently measure something else.
+    ``strict=True`` raises when a word is dropped: the experiments compare single rows of per-token matrices, so a
+    multi-token word (or one sharing a compact vocabulary's tail row) would silently measure something else.
     """
-    ids, dropped = [], []
-    for w in words:
-        i = tokenizer.single_token_id(w)
-        if i is None:
-            dropped.append(w)
-        else:
-            ids.append(i)
-    if strict and dropped:
-        raise ValueError(f"not single GPT-2 tokens: {dropped}")
-    return ids, dropped
+    check = check_tokens(words, vocab)
+    if strict and check.dropped:
+        raise ValueError("words the experiment cannot use: " + "; ".join(f"{w!r} {why}" for w, why in
+                                                                           check.dropped.items()))
+    return [check.ids[w] for w in words if w in check.ids], [w for w in words if w in check.dropped]
 
 
-def sentiment_ids() -> tuple[list[int], list[int]]:
+def sentiment_ids(vocab=None) -> tuple[list[int], list[int]]:
+    """The positive and negative sentiment words' ids (those with rows of their own in a model's ``vocab``)."""
     s = load_stimuli("sentiment")
-    return token_ids(s["positive"])[0], token_ids(s["negative"])[0]
+    return token_ids(s["positive"], strict=False, vocab=vocab)[0], token_ids(s["negative"], strict=False,
+                                                                             vocab=vocab)[0]

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import signal
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +47,13 @@ import torch.distributed as dist
 
 from reflow_core import checkpoint as ckpt_io
 from reflow_core.config import ConfigError, ModelConfig, TrainConfig
-from reflow_core.data import get_batch, iter_eval_batches, load_tokens
+from reflow_core.data import get_batch, iter_eval_batches, load_tokens, most_frequent_ids, token_coverage
 from reflow_core.device import (Dist, all_reduce_sum, autocast_for, peak_flops, resolve_device, resolve_dtype,
                                 setup_distributed, torch_threads)
+from reflow_core.divergence import HISTORY, DivergenceGuard, TrainingDiverged, weights_problem
 from reflow_core.errors import UserError
 from reflow_core.fileio import write_json_atomic
+from reflow_core.fused_loss import calibrate_chunk, chunk_for, default_chunk
 from reflow_core.model import build_model
 from reflow_core.runlock import RunLock, RunLockedError
 
@@ -62,107 +63,18 @@ ENV_KILL_AT_STEP = "REFLOW_KILL_AT_STEP"  # test hook: SIGKILL this process righ
 
 INIT_DIR = "init"  # out_dir/init: the model at step 0
 
-
-class TrainingDiverged(UserError, RuntimeError):
-    """The run stopped at ``step`` without saving the bad state; ``checkpoint`` is the last good one, or None."""
-
-    def __init__(self, message: str, *, step: int, loss: float, checkpoint: str | None) -> None:
-        super().__init__(message)
-        self.step, self.loss, self.checkpoint = step, loss, checkpoint
-
-
-# DivergenceGuard's thresholds (losses in nats)
-SPIKE_FACTOR = 3.0  # after warmup, a loss above 3x the median of the recent losses...
-SPIKE_MIN_NATS = 2.0  # ...and at least 2 nats above it is a divergence, not a hard batch
-SPIKE_MIN_HISTORY = 20  # losses needed before their median means anything
-HISTORY = 100  # recent losses kept, and stored in every checkpoint so a resumed run judges as the original would
-DEAD_LOSS_TOL = 0.05  # |loss - ln V| below this...
-DEAD_GRAD = 1e-5  # ...with a gradient norm below this...
-DEAD_STEPS = 3  # ...for this many steps in a row: the model predicts a uniform distribution and cannot learn
-WEIGHT_LIMIT = 1e4  # no healthy weight comes near this (init std 0.02, norm gains ~1); checked before every save
+# A time-budgeted run (TrainConfig.time_budget_s) fixes its max_steps after PLAN_AFTER_STEPS steps of the process
+# that has no plan yet, from the step time measured over all but the first PLAN_WARM_STEPS of them: those pay for the
+# CUDA context, cuBLAS heuristics and the caching allocator's growth, and would make the plan too short.
+PLAN_AFTER_STEPS = 20
+PLAN_WARM_STEPS = 5
+PLAN_MARGIN = 0.97  # plan for 97% of what is left: step times drift a little (clock boosts, allocator, other loads)
+FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of forward + backward (the eval cost estimate)
+SNAPSHOT_DIR = "snapshots"  # out_dir/snapshots/step-<N>: weights at every checkpoint step (config.snapshots)
 
 
-class DivergenceGuard:
-    """Says whether a step's loss and gradient norm are still training, or why not.
-
-    Finite is not enough: with a learning rate far too high the loss can sit at 1e3-1e10 and stay finite, or the
-    weights can blow up until every logit saturates, the loss reads ln V (a uniform guess, like a fresh model's) and
-    the gradient is 0, after which nothing ever changes again.  :meth:`check` names the first of
-
-    * a non-finite loss or gradient norm;
-    * a loss above 2·ln V: twice what a uniform guess costs, where no model that learns (or a fresh one) ever is;
-    * a gradient norm of exactly 0;
-    * after warmup, a loss above SPIKE_FACTOR × the median of the recent losses and SPIKE_MIN_NATS above it;
-    * loss ≈ ln V with gradient norm ≈ 0 for DEAD_STEPS steps in a row (a dead model, e.g. one resumed from a bad
-      checkpoint).
-
-    Only losses that pass go into the history, so one trip does not move the median.  After a trip,
-    ``first_bad_step`` is the step where the evidence began (for a dead streak, its first step).
-    """
-
-    def __init__(self, vocab_size: int, warmup_steps: int, history: list[float] | None = None) -> None:
-        self.ln_v = math.log(vocab_size)
-        self.ceiling = 2 * self.ln_v
-        self.warmup_steps = warmup_steps
-        self.history = list(history or [])[-HISTORY:]
-        self.dead_streak = 0
-        self.first_bad_step: int | None = None
-
-    def check(self, step: int, loss: float, gnorm: float) -> str | None:
-        self.first_bad_step = step
-        why = self._why(step, loss, gnorm)
-        if why is None:
-            self.history = (self.history + [loss])[-HISTORY:]
-        return why
-
-    def _why(self, step: int, loss: float, gnorm: float) -> str | None:
-        if not math.isfinite(loss):
-            return f"loss={loss}"
-        if not math.isfinite(gnorm):
-            return f"loss={loss:.4f} but grad norm={gnorm}"
-        if loss > self.ceiling:
-            return f"loss={loss:.4g}, above 2·ln V = {self.ceiling:.2f} (a uniform guess costs ln V = {self.ln_v:.2f})"
-        if gnorm == 0.0:
-            return f"loss={loss:.4f} with a gradient norm of exactly 0: the model is dead, no weight can change"
-        if step > self.warmup_steps and len(self.history) >= SPIKE_MIN_HISTORY:
-            median = statistics.median(self.history)
-            if loss > SPIKE_FACTOR * median and loss - median > SPIKE_MIN_NATS:
-                return (f"loss={loss:.4f}, {loss / median:.1f}x the median {median:.4f} of the last "
-                        f"{len(self.history)} steps")
-        if abs(loss - self.ln_v) < DEAD_LOSS_TOL and gnorm < DEAD_GRAD:
-            self.dead_streak += 1
-            if self.dead_streak >= DEAD_STEPS:
-                self.first_bad_step = step - DEAD_STEPS + 1
-                return (f"loss={loss:.4f} ≈ ln V with grad norm {gnorm:.1e} for {DEAD_STEPS} steps: the model is "
-                        "dead (it predicts a uniform distribution and no gradient flows back)")
-        else:
-            self.dead_streak = 0
-        return None
-
-    def check_val(self, val_loss: float) -> str | None:
-        """The val loss of the current weights (evaluated before every checkpoint): finite and below 2·ln V."""
-        if not math.isfinite(val_loss):
-            return f"val loss={val_loss}"
-        if val_loss > self.ceiling:
-            return f"val loss={val_loss:.4g}, above 2·ln V = {self.ceiling:.2f} (a uniform guess costs ln V = " \
-                   f"{self.ln_v:.2f})"
-        return None
-
-    def sane(self, loss: float | None) -> bool:
-        """Whether a loss recorded in a checkpoint could come from a model that trains (None: not recorded)."""
-        return loss is None or (math.isfinite(loss) and loss <= self.ceiling)
-
-
-def weights_problem(model: torch.nn.Module) -> str | None:
-    """Why the weights must not be saved (non-finite, or blown up past WEIGHT_LIMIT), or None; one host sync."""
-    with torch.no_grad():
-        biggest = torch.stack([p.detach().abs().max().float() for p in model.parameters()]).max().item()
-    if not math.isfinite(biggest):
-        return "a weight is not finite"
-    if biggest > WEIGHT_LIMIT:
-        return f"the weights blew up (max |w| = {biggest:.3g}; healthy weights stay far below {WEIGHT_LIMIT:g})"
-    return None
-
+def snapshot_name(step: int) -> str:
+    return f"step-{step:06d}"
 
 
 # ======================================================================================================================
@@ -240,6 +152,11 @@ class _Progress:
 
             self.bar = tqdm(total=config.max_steps, initial=start, desc=Path(config.out_dir).name, unit="step",
                             dynamic_ncols=True)
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def write(self, text: str) -> None:
         if not self.enabled:
@@ -322,10 +239,13 @@ def train(config: TrainConfig | dict, **overrides) -> dict:
         d = setup_distributed(device_type)
         lock = None
         try:
+            t_entry = time.perf_counter()
             lock = _lock_out_dir(config, d, device_type)
             run = _setup(config, d)
+            run.t_entry = t_entry
             _resume(run)
-            _train_loop(run)
+            with chunk_for(run.device.type, run.loss_chunk):
+                _train_loop(run)
             return _finish(run)
         finally:
             if lock is not None:
@@ -386,6 +306,13 @@ class _Run:
     tokens_timed_before: int = 0  # so that even a zero-step resume reports the run's throughput
     guard: DivergenceGuard | None = None
     last_ckpt_losses: tuple = (None, None)  # (train, val) losses recorded in checkpoint_path
+    t_entry: float = 0.0  # perf_counter when train() was called: a time budget counts from there
+    plan: dict | None = None  # how a time-budgeted run fixed its max_steps (also in every checkpoint after it)
+    plan_at: int = 0  # the step after which this process plans (time budget, no plan in the checkpoint)
+    warm_at: int = 0  # ...measuring the step time from this step on
+    t_warm: float | None = None
+    init_save_s: float | None = None  # seconds the step-0 weights took to save: what a checkpoint's cost is scaled from
+    loss_chunk: int | None = None  # positions per chunk of the fused loss (calibrated on CUDA, kept across resumes)
 
     @property
     def out_dir(self) -> Path:
@@ -423,11 +350,21 @@ def _setup(config: TrainConfig, d: Dist) -> _Run:
     # device, so a step-0 model can be rebuilt anywhere from (preset, seed) alone.
     torch.manual_seed(config.seed)
     raw_model = build_model(config.model_config(), "cpu").to(device)
+    uniform_outcomes = raw_model.config.vocab_size
+    if raw_model.config.compact_vocab:  # its own rows for the corpus's most frequent ids, a shared tail row for the rest
+        kept = most_frequent_ids(train_tokens, raw_model.config.compact_vocab)
+        raw_model.vocab.set_kept_ids(torch.from_numpy(kept))
+        tail_share = 1.0 - token_coverage(train_tokens, kept)
+        # a uniform guess over the rows costs ln(rows) + (tail share)·ln(tail size) nats over GPT-2 ids
+        uniform_outcomes = math.exp(math.log(raw_model.config.n_rows) + tail_share * raw_model.vocab.tail_log_size())
+        if d.master:
+            print(f"compact vocabulary: {len(kept):,} own rows cover {100 * (1 - tail_share):.1f}% of the train tokens",
+                  flush=True)
     return _Run(config=config, d=d, device=device, dtype=dtype, autocast=autocast_for(device.type, dtype),
                 train_tokens=train_tokens, val_tokens=val_tokens, raw_model=raw_model,
                 optimizer=make_optimizer(raw_model, config, device.type), seq_len=T, accum=accum,
                 tokens_per_step=config.micro_batch_size * T * accum * d.world_size,
-                guard=DivergenceGuard(raw_model.config.vocab_size, config.warmup_steps))
+                guard=DivergenceGuard(uniform_outcomes, config.warmup_steps))
 
 
 def _resume(run: _Run) -> None:
@@ -451,6 +388,10 @@ def _resume(run: _Run) -> None:
         run.last = {k: meta["extra"].get(k) for k in run.last}
         run.resumed_from, run.checkpoint_path, run.ckpt_step = run.start_step, str(found), run.start_step
         run.last_ckpt_losses = (run.last["train_loss"], run.last["val_loss"])
+        run.loss_chunk = meta["extra"].get("loss_chunk")  # the same chunks, the same float sums: an exact resume
+        if config.time_budget_s is not None and meta["extra"].get("plan"):  # keep the plan it was trained under
+            run.plan = meta["extra"]["plan"]
+            config = run.config = _planned_config(config, run.plan)
         current = config.to_dict()
         changed = {k: (v, current[k]) for k, v in (meta.get("train_config") or {}).items()
                    if k in current and current[k] != v and k not in ("resume", "progress")}
@@ -458,9 +399,16 @@ def _resume(run: _Run) -> None:
             print(f"note: resuming with changed settings {changed}", flush=True)
         del state, opt_tensors
     elif config.save_init and d.master:
+        t0 = time.perf_counter()
         ckpt_io.save_checkpoint(run.out_dir, run.raw_model, None, step=0, config=config, name=INIT_DIR,
                                 extra={"note": "weights at initialisation, before any training step"})
+        run.init_save_s = time.perf_counter() - t0
     run.step = run.start_step
+    if config.time_budget_s is not None and run.plan is None:
+        run.plan_at = min(run.start_step + PLAN_AFTER_STEPS, config.max_steps)
+        run.warm_at = run.start_step + min(PLAN_WARM_STEPS, run.plan_at - run.start_step - 1)
+    if run.loss_chunk is None:
+        run.loss_chunk = _loss_chunk(run)
 
     model = torch.compile(run.raw_model) if config.compile else run.raw_model
     if d.enabled:
@@ -479,6 +427,77 @@ def _resume(run: _Run) -> None:
               f"{str(run.dtype)[6:]} | world {d.world_size} × accum {run.accum} × micro {config.micro_batch_size} × "
               f"{run.seq_len} = {run.tokens_per_step:,} tokens/step | steps {run.start_step}->{config.max_steps}"
               + (f" (resumed from {run.checkpoint_path})" if run.resumed_from is not None else ""), flush=True)
+
+
+def _loss_chunk(run: _Run) -> int:
+    """Positions per chunk of the fused loss: measured on CUDA (the fastest of a few sizes for this head, this batch
+    and this device, :func:`reflow_core.fused_loss.calibrate_chunk`), the table elsewhere. Rank 0 decides for all."""
+    if run.device.type != "cuda":
+        return default_chunk(run.device.type)
+    with torch.no_grad():
+        x, weight = run.raw_model.vocab.head(torch.zeros(1, 1, run.raw_model.config.d_model, device=run.device))
+    chunk, timings = calibrate_chunk(run.device, x.shape[-1], weight.shape[0], run.config.micro_batch_size * run.seq_len,
+                                     run.dtype)
+    chunk = int(all_reduce_sum(torch.tensor([chunk if run.d.master else 0], device=run.device), run.d).item())
+    if run.d.master:
+        print("fused loss chunk: " + ", ".join(f"{n}: {1000 * s:.1f} ms" for n, s in timings.items())
+              + f" -> {chunk} positions", flush=True)
+    return chunk
+
+
+def _planned_config(config: TrainConfig, plan: dict) -> TrainConfig:
+    """The run's config with the max_steps its time budget allowed (the warmup shortened if it does not fit)."""
+    return config.replace(max_steps=plan["max_steps"], warmup_steps=min(config.warmup_steps, plan["max_steps"]))
+
+
+def _sync_device(run: _Run) -> None:
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+
+
+def _checkpoint_seconds(run: _Run) -> float:
+    """What one checkpoint costs: three times the step-0 save (weights + AdamW's two moments, written and hashed),
+    plus the snapshot; without a timed step-0 save, the bytes at 200 MB/s."""
+    params = sum(p.numel() for p in run.raw_model.parameters())
+    weights_s = run.init_save_s if run.init_save_s is not None else params * 4 / 200e6
+    return weights_s * (3 + (1 if run.config.snapshots else 0))
+
+
+def plan_steps(*, step: int, step_s: float, elapsed_s: float, budget_s: float, max_steps: int, eval_s: float,
+               eval_interval: int, ckpt_s: float, ckpt_interval: int) -> int:
+    """The max_steps that ends a run on ``budget_s``: ``step`` steps done after ``elapsed_s`` seconds, each further
+    one ``step_s``, an evaluation every ``eval_interval`` steps (``eval_s`` each) and a checkpoint every
+    ``ckpt_interval`` (``ckpt_s`` each), plus the final evaluation and checkpoint. Never above ``max_steps``, never
+    below ``step`` (a budget already spent ends the run at once)."""
+    per_step = step_s + (eval_s / eval_interval if eval_interval else 0.0) + (ckpt_s / ckpt_interval if ckpt_interval
+                                                                              else 0.0)
+    left = PLAN_MARGIN * (budget_s - elapsed_s) - eval_s - ckpt_s
+    more = math.floor(left / per_step + 1e-9) if left > 0 and per_step > 0 else 0  # (9.7 / 0.1 is 96.999…)
+    return max(step, min(max_steps, step + more))
+
+
+def _plan(run: _Run) -> None:
+    """Fix a time-budgeted run's max_steps from the step time measured since ``warm_at`` (rank 0 decides for all)."""
+    _sync_device(run)
+    now = time.perf_counter()
+    config = run.config
+    step_s = (now - run.t_warm) / max(run.step - run.warm_at, 1)
+    eval_s = step_s * FORWARD_SHARE * config.eval_batches / run.accum
+    elapsed = run.wall_before + now - run.t_entry
+    planned = plan_steps(step=run.step, step_s=step_s, elapsed_s=elapsed, budget_s=config.time_budget_s,
+                         max_steps=config.max_steps, eval_s=eval_s, eval_interval=config.eval_interval,
+                         ckpt_s=_checkpoint_seconds(run), ckpt_interval=config.ckpt_interval)
+    planned = int(all_reduce_sum(torch.tensor([planned if run.d.master else 0], device=run.device), run.d).item())
+    run.plan = {"max_steps": planned, "at_step": run.step, "step_s": step_s,
+                "tokens_per_s": run.tokens_per_step / step_s, "elapsed_s": elapsed,
+                "time_budget_s": config.time_budget_s, "max_steps_allowed": config.max_steps}
+    run.config = _planned_config(config, run.plan)
+    if run.d.master:
+        print(f"time budget {config.time_budget_s:.0f} s: {run.tokens_per_step / step_s:,.0f} tok/s over steps "
+              f"{run.warm_at + 1}-{run.step}, {elapsed:.1f} s spent -> max_steps {planned}"
+              + (f" (the most allowed: {config.max_steps})" if planned == config.max_steps else "")
+              + (f"; warmup cut to {run.config.warmup_steps} steps" if run.config.warmup_steps < config.warmup_steps
+                 else ""), flush=True)
 
 
 def _train_step(run: _Run) -> torch.Tensor:
@@ -575,10 +594,14 @@ def _checkpoint(run: _Run) -> None:
     if run.d.master:
         extra = {**run.last, "wall_s": run.wall_s(), "world_size": run.d.world_size, "device": str(run.device),
                  "dtype": str(run.dtype), "train_s": run.train_s_before + run.train_seconds,
-                 "tokens_timed": run.tokens_timed_before + run.tokens_this_run, "recent_losses": run.guard.history}
+                 "tokens_timed": run.tokens_timed_before + run.tokens_this_run, "recent_losses": run.guard.history,
+                 "plan": run.plan, "loss_chunk": run.loss_chunk}
         run.checkpoint_path = str(ckpt_io.save_checkpoint(
             run.out_dir, run.raw_model, run.optimizer, step=run.step, config=run.config, tokens_seen=run.tokens_seen,
             extra=extra))
+        if run.config.snapshots:  # weights only: what a curve over training (e.g. the competence figure) reads
+            ckpt_io.save_checkpoint(run.out_dir / SNAPSHOT_DIR, run.raw_model, None, step=run.step, config=run.config,
+                                    tokens_seen=run.tokens_seen, extra=extra, name=snapshot_name(run.step))
     else:
         run.checkpoint_path = str(run.out_dir / ckpt_io.CKPT_DIR)
     run.ckpt_step = run.step
@@ -600,14 +623,24 @@ def _train_loop(run: _Run) -> None:
     kill_at = int(os.environ.get(ENV_KILL_AT_STEP, "0") or 0)
     pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad_norm]) on the device, read at sync points
     run.t_start = time.perf_counter()
+    if run.plan is None and config.time_budget_s is not None and run.warm_at == run.step:
+        run.t_warm = run.t_start
     t_interval, tokens_interval = time.perf_counter(), 0  # restarted after eval/checkpoint: tokens/s is training only
     run.model.train()
     try:
-        while run.step < config.max_steps:
+        while run.step < run.config.max_steps:
             pending.append((run.step + 1, _train_step(run)))
             tokens_interval += run.tokens_per_step
             if run.step == kill_at:  # test hook: die the hard way, mid-run, as a crash or an OOM kill would
                 os.kill(os.getpid(), signal.SIGKILL)
+            if run.plan is None and config.time_budget_s is not None:
+                if run.step == run.warm_at:
+                    _sync_device(run)
+                    run.t_warm = time.perf_counter()
+                elif run.step == run.plan_at:
+                    _plan(run)
+                    config = run.config
+                    progress.set_total(config.max_steps)
             final = run.step == config.max_steps
             do_log = run.step % config.log_interval == 0 or final
             do_ckpt = (config.ckpt_interval > 0 and run.step % config.ckpt_interval == 0) or final
@@ -649,6 +682,10 @@ def _finish(run: _Run) -> dict:
         "final_train_loss": run.last["train_loss"],
         "final_val_loss": run.last["val_loss"],
         "steps": run.step,
+        "max_steps": run.config.max_steps,  # what the run was to take: its plan under a time budget
+        "time_budget_s": run.config.time_budget_s,
+        "plan": run.plan,
+        "loss_chunk": run.loss_chunk,
         "steps_this_run": run.step - run.start_step,
         "tokens": run.tokens_seen,
         "tokens_per_step": run.tokens_per_step,

@@ -46,3 +46,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The `tiny` corpus prepared once per session (tests only read it)."""
+    from reflow_core.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare("tiny", out)
+    return out

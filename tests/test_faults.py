@@ -26,17 +26,11 @@ from reflow_core.config import TrainConfig
 from reflow_core.data import prepare
 from reflow_core.errors import ERROR_PREFIX
 from reflow_core.model import build_model
-from reflow_core.train import ENV_PROGRESS, TrainingDiverged, make_optimizer, train
+from reflow_core.divergence import TrainingDiverged
+from reflow_core.train import ENV_PROGRESS, make_optimizer, train
 
 REPO = Path(__file__).resolve().parent.parent
 USER_ERROR_EXIT = 2
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare("tiny", out)
-    return out
 
 
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
@@ -193,7 +187,7 @@ def test_resuming_a_dead_model_stops_and_says_so(tiny_data, tmp_path):
 
 
 def test_the_guard_trips_on_spikes_zero_gradients_and_dead_streaks_only():
-    from reflow_core.train import DivergenceGuard
+    from reflow_core.divergence import DivergenceGuard
 
     guard = DivergenceGuard(vocab_size=50304, warmup_steps=5)
     assert guard.check(1, 10.9, 1.0) is None  # a fresh model: ln V, with a gradient

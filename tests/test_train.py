@@ -17,19 +17,12 @@ from reflow_core import checkpoint as ckpt_io
 from reflow_core.errors import ERROR_PREFIX
 from reflow_core.cli import main
 from reflow_core.config import ConfigError
-from reflow_core.data import prepare
 from reflow_core.model import GPT, build_model
 from reflow_core.config import TrainConfig
-from reflow_core.train import ENV_KILL_AT_STEP, ENV_PROGRESS, TrainingDiverged, lr_at, make_optimizer, train
+from reflow_core.divergence import TrainingDiverged
+from reflow_core.train import ENV_KILL_AT_STEP, ENV_PROGRESS, lr_at, make_optimizer, train
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare("tiny", out)
-    return out
 
 
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:

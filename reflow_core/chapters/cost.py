@@ -10,12 +10,14 @@ from reflow_core.bench import chapter_times, plot_bench, rows_frame, run_bench, 
 from reflow_core.chapters import ChapterResult
 from reflow_core.config import ModelConfig, get_config
 from reflow_core.scales import budget, get_scale, results_dir_for
+from reflow_core.sweep import plot_sweep, stored_sweep
 
 NAME = "cost"
 REFERENCE_TARGET = 1.3  # the issue's target: our step at least 1.3× the reference loop's throughput
 FACTORISATION_TARGET = 1.0  # reFlow at least as fast as GPT-2-New
 UNTRAINED = "untrained (timing only)"  # what the throughput figure is stamped with
 BOOK_RUN = "book run"  # what the chapter-time figure is stamped with
+SWEEP_SCALE = "smoke"  # the default scale, whose recipe a stored sweep chose; shown at every scale
 
 
 def bench_verdict(r: dict, target: float) -> str:
@@ -33,17 +35,23 @@ def bench_verdict(r: dict, target: float) -> str:
 @dataclass(kw_only=True)
 class Result(ChapterResult):
     preset: str  # the benched model, e.g. reflow@smoke
-    bench: list  # [training-step result, forward-pass result] of reflow_core.bench.run_bench
+    bench: list  # [training step, forward pass, and (compact-vocabulary scales) recipe] results of run_bench
     gpu_bench: list  # stored GPU bench results (reflow_core/assets/bench/), [] when there are none
     chapter_times: dict | None  # reflow_core.bench.chapter_times (None: the chapter ran alone)
     bench_config: ModelConfig
+    sweep: dict | None = None  # the scale's learning-rate × batch sweep (reflow_core/assets/sweeps/), if stored
+
+    @property
+    def recipe(self) -> dict | None:
+        """The bench of the scale's training recipe against its shape over the full vocabulary in fp32."""
+        return next((b for b in self.bench if b["mode"] == "recipe"), None)
 
     def to_json(self) -> dict:
         return {"scale": self.scale, "bench": self.bench, "gpu_bench": self.gpu_bench,
-                "chapter_times": self.chapter_times}
+                "chapter_times": self.chapter_times, "sweep": self.sweep}
 
     def prose(self) -> dict[str, object]:
-        train, infer = self.bench
+        train, infer = self.bench[:2]
         machine, s = train["machine"], train["settings"]
         ratio_ref, ratio_fact = train["ratios"]
         ours = train["rows"][0]
@@ -68,7 +76,31 @@ class Result(ChapterResult):
             "mfu_note": ("not computed: no peak FLOP/s is known for this CPU (set REFLOW_PEAK_FLOPS to state one)"
                          if ours["mfu"] is None else f"{100 * ours['mfu']:.1f}%"),
             "head_shape": f"a {c.vocab_size:,}-token (padded) vocabulary and d = {c.d_model}, S = {c.n_signals}",
+            **self._recipe_prose(), **self._sweep_prose(),
         }
+
+    def _recipe_prose(self) -> dict[str, object]:
+        compact = get_config(f"reflow@{SWEEP_SCALE}").compact_vocab
+        out = {"compact_k": f"{compact:,}"}
+        if self.recipe is None:
+            return {**out, "recipe_summary": f"Scale {self.scale} trains over the full vocabulary, so this run "
+                                             "timed no second recipe."}
+        full, chosen = self.recipe["rows"]
+        ratio = self.recipe["ratios"][0]
+        return {**out, "recipe_summary": (
+            f"In the same interleaved run, a training step of the scale's recipe, {chosen['label']}, does "
+            f"{chosen['tokens_per_s']['median']:,.0f} tokens/s against {full['tokens_per_s']['median']:,.0f} for "
+            f"{full['label']}: {ratio['median']:.2f}× (per-repeat range {ratio['min']:.2f}–{ratio['max']:.2f}×).")}
+
+    def _sweep_prose(self) -> dict[str, object]:
+        if self.sweep is None:
+            return {"sweep_summary": f"no learning-rate sweep is stored for scale {SWEEP_SCALE}."}
+        best, sw = self.sweep["best"], self.sweep
+        return {"sweep_summary": (
+            f"{len(sw['points'])} runs of {sw['preset']} on {sw['data_dir']}, {sw['tokens']:,} tokens each "
+            f"({sw['machine']['threads']} thread, {sw['date']}); the lowest validation loss, {best['val_loss']:.3f}, "
+            f"came from a peak learning rate of {best['lr']:g} at {best['tokens_per_step']:,} tokens per step, "
+            "the recipe the smoke scale trains with.")}
 
 
 def run(scale: str, results_dir=None, *, threads="auto") -> Result:
@@ -77,10 +109,13 @@ def run(scale: str, results_dir=None, *, threads="auto") -> Result:
     results_dir = results_dir_for(scale, results_dir)
     settings = budget(scale, "bench")
     preset = f"reflow@{get_scale(scale).size}"
+    config = get_config(preset)
+    modes = ("all", "infer") + (("recipe",) if config.compact_vocab else ())
     bench = [run_bench(preset, mode, steps=settings["steps"], warmup=settings["warmup"], repeats=settings["repeats"],
-                       batch=settings["batch"], threads=threads) for mode in ("all", "infer")]
+                       batch=settings["batch"], threads=threads) for mode in modes]
     return Result(scale=scale, checkpoint=UNTRAINED, preset=preset, bench=bench, gpu_bench=stored_gpu_results(),
-                  chapter_times=chapter_times(results_dir), bench_config=get_config(preset))
+                  chapter_times=chapter_times(results_dir), bench_config=config,
+                  sweep=stored_sweep(SWEEP_SCALE))
 
 
 def bench_table(result: Result):
@@ -126,6 +161,8 @@ def plot(result: Result) -> dict:
     fig = plot_bench(result.bench)
     fig.axes[0].set_title(f"Throughput at scale {result.scale} on {machine['gpu'] or machine['cpu']}")
     figures = {"fig-cost-throughput": fig}
+    if result.sweep is not None:
+        figures["fig-cost-sweep"] = (plot_sweep(result.sweep), "sweep runs (" + result.sweep["date"] + ")")
     split = chapter_seconds(result)
     if split is not None:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(split) + 1.2))

@@ -29,28 +29,86 @@ def head_costs(vocab_size: int, n_signals: int, d_model: int, n_tokens: int) -> 
 
 
 class Vocab(nn.Module):
-    """A vocabulary module: ``embed`` for the input, ``head`` for the output projection as (inputs, weight)."""
+    """A vocabulary module: ``embed`` for the input, ``head`` for the output projection as (inputs, weight).
+
+    Token ids are GPT-2 ids everywhere outside this module.  A **compact** vocabulary (``config.compact_vocab = K``)
+    has its own row for K ids (its training corpus's most frequent, :meth:`set_kept_ids`) and one shared *tail* row
+    for every other id; ``rows_of`` maps ids to rows.  Its distribution over GPT-2 ids gives each tail id an equal
+    share of the tail row's probability, so its logits (:meth:`logits`), losses and probabilities live in the same
+    space as a full vocabulary's, and every experiment keeps asking by GPT-2 id.  :meth:`has_own_row` says which ids
+    have a row of their own: a word without one is "not in this model's vocabulary", never mapped silently.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.compact = int(config.compact_vocab)
+        self.real_vocab_size = int(config.real_vocab_size)
+        self.n_rows = config.n_rows  # rows that stand for tokens (padding rows after them are never used)
+        if self.compact:
+            self.register_buffer("kept_ids", torch.arange(self.compact))
+            self.register_buffer("to_row", torch.full((self.real_vocab_size,), self.compact))
+            self.to_row[: self.compact] = torch.arange(self.compact)
+
+    @torch.no_grad()
+    def set_kept_ids(self, ids) -> None:
+        """The GPT-2 ids that get rows of their own, in row order (a compact vocabulary only)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.to_row.device)
+        if not self.compact or ids.numel() != self.compact or ids.unique().numel() != self.compact:
+            raise ValueError(f"a compact vocabulary of {self.compact} rows needs {self.compact} distinct ids")
+        self.kept_ids.copy_(ids)
+        self.to_row.fill_(self.compact)
+        self.to_row[ids] = torch.arange(self.compact, device=ids.device)
+
+    def rows_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """The row of each GPT-2 id (itself for a full vocabulary; the tail row for an id without its own)."""
+        return self.to_row[idx] if self.compact else idx
+
+    def has_own_row(self, idx) -> torch.Tensor:
+        """Which GPT-2 ids have a row of their own (all of them in a full vocabulary)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if not self.compact:
+            return (idx >= 0) & (idx < self.real_vocab_size)
+        return self.to_row.cpu()[idx] < self.compact
+
+    def by_id(self, rows: torch.Tensor) -> torch.Tensor:
+        """A per-row matrix (rows × …) as one row per GPT-2 id (V_real × …): tail ids share the tail row."""
+        return rows[self.to_row] if self.compact else rows[: self.real_vocab_size]
+
+    def tail_log_size(self) -> float:
+        """log of the number of ids that share the tail row (0 for a full vocabulary)."""
+        return math.log(self.real_vocab_size - self.compact) if self.compact else 0.0
+
+    def expand(self, row_logits: torch.Tensor) -> torch.Tensor:
+        """Logits over rows → logits over GPT-2 ids: each tail id gets the tail row's logit minus log(tail size)."""
+        if not self.compact:
+            return row_logits
+        tail = row_logits[..., self.compact : self.compact + 1] - self.tail_log_size()
+        out = tail.expand(*row_logits.shape[:-1], self.real_vocab_size).clone()
+        out[..., self.kept_ids] = row_logits[..., : self.compact]
+        return out
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits over GPT-2 ids (padded to ``vocab_size`` for a full vocabulary)."""
         inputs, weight = self.head(h)
-        return inputs @ weight.t()
+        return self.expand(inputs @ weight.t())
 
 
 class TiedVocab(Vocab):
     """GPT-2's tied embedding: one V×d matrix is the input embedding and the output projection."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         self.weight = nn.Parameter(torch.empty(config.vocab_size, config.d_model))
 
     def embedding_matrix(self) -> torch.Tensor:
         return self.weight
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.weight)
+        """The input vectors of GPT-2 ids ``idx``."""
+        return F.embedding(self.rows_of(idx), self.weight)
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output projection as (inputs, weight): logits = inputs · weightᵀ."""
@@ -68,7 +126,7 @@ class FactoredVocab(Vocab):
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         self.recipe = nn.Parameter(torch.empty(config.vocab_size, config.n_signals))
         self.basis = nn.Parameter(torch.empty(config.n_signals, config.d_model))
 
@@ -76,14 +134,16 @@ class FactoredVocab(Vocab):
         """The recipe rows as the model uses them (sparsified variants override this)."""
         return self.recipe
 
-    def recipe_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.recipe)
+    def recipe_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The recipe rows ``rows`` (row indices, see :meth:`Vocab.rows_of`) as the model uses them."""
+        return F.embedding(rows, self.recipe)
 
     def embedding_matrix(self) -> torch.Tensor:
         return self.recipe_matrix() @ self.basis
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.recipe_rows(idx) @ self.basis
+        """The input vectors of GPT-2 ids ``idx``: their recipes mixed by the signal basis."""
+        return self.recipe_rows(self.rows_of(idx)) @ self.basis
 
     def signals(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.basis.t()
@@ -118,5 +178,5 @@ class TopKVocab(FactoredVocab):
     def recipe_matrix(self) -> torch.Tensor:
         return self._sparsify(self.recipe)
 
-    def recipe_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return self._sparsify(F.embedding(idx, self.recipe))
+    def recipe_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._sparsify(F.embedding(rows, self.recipe))

@@ -64,7 +64,6 @@ class GatedVocab(FactoredVocab):
                  straight_through: bool = True) -> None:
         super().__init__(config)
         self.target_rate = float(config.target_rate)
-        self.real_vocab_size = int(config.real_vocab_size)
         self.temperature = float(temperature)
         self.straight_through = bool(straight_through)
         self._cache: dict = {}
@@ -90,7 +89,7 @@ class GatedVocab(FactoredVocab):
 
         def make():
             with torch.no_grad():
-                return quantile_threshold(self.scores(self.recipe[: self.real_vocab_size]), self.target_rate)
+                return quantile_threshold(self.scores(self.recipe[: self.n_rows]), self.target_rate)
 
         return self._cached("threshold", make)
 
@@ -112,8 +111,8 @@ class GatedVocab(FactoredVocab):
             return self._gated(self.recipe)
         return self._cached("matrix", lambda: self._gated(self.recipe))  # evaluation: once per weight version
 
-    def recipe_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return self._gated(F.embedding(idx, self.recipe))
+    def recipe_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._gated(F.embedding(rows, self.recipe))
 
     # -- measurement --------------------------------------------------------------------------------------------------
     def clear_cache(self) -> None:
@@ -124,7 +123,7 @@ class GatedVocab(FactoredVocab):
     @torch.no_grad()
     def active_mask(self) -> torch.Tensor:
         """(V_real, S) bool: the entries the model actually uses (hard gate on; g > ½ in soft mode)."""
-        return self.scores(self.recipe[: self.real_vocab_size]) > self.threshold()
+        return self.scores(self.recipe[: self.n_rows]) > self.threshold()
 
     @torch.no_grad()
     def active_rate(self) -> float:
@@ -134,7 +133,7 @@ class GatedVocab(FactoredVocab):
     @torch.no_grad()
     def mean_gate(self) -> float:
         """Mean soft gate σ((score − θ)/T) — the "soft" rate, which counts half-open entries fractionally."""
-        s = self.scores(self.recipe[: self.real_vocab_size])
+        s = self.scores(self.recipe[: self.n_rows])
         return float(torch.sigmoid((s - self.threshold()) / self.temperature).mean())
 
 
@@ -185,7 +184,7 @@ def measured_rate(model) -> float:
     vocab = model.vocab
     if isinstance(vocab, GatedVocab):
         return vocab.active_rate()
-    R = vocab.recipe_matrix()[: model.config.real_vocab_size]
+    R = vocab.recipe_matrix()[: vocab.n_rows]
     return float((R != 0).float().mean())
 
 
@@ -195,7 +194,7 @@ def active_per_token(model) -> torch.Tensor:
     vocab = model.vocab
     if isinstance(vocab, GatedVocab):
         return vocab.active_mask().sum(1)
-    return (vocab.recipe_matrix()[: model.config.real_vocab_size] != 0).sum(1)
+    return (vocab.recipe_matrix()[: vocab.n_rows] != 0).sum(1)
 
 
 @torch.no_grad()
@@ -204,7 +203,7 @@ def routing_divergence(model) -> float:
     vocab = model.vocab
     if not isinstance(vocab, RoutedVocab):
         return float("nan")
-    R = vocab.recipe[: vocab.real_vocab_size]
+    R = vocab.recipe[: vocab.n_rows]
     a = R.abs()
     ratio = a / a.mean(dim=-1, keepdim=True).clamp_min(1e-12)
     rmg = ratio > quantile_threshold(ratio, vocab.target_rate)
