@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SCALE  ?= smoke
 
-.PHONY: book book-stored test test-fast browser corpora clean
+.PHONY: book book-stored offline-bundle test test-fast browser steer corpora clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,23 @@ $(VENV)/.installed: pyproject.toml
 book: $(VENV)/.installed corpora
 	$(PY) -m reflow_core book --scale $(SCALE)
 
-## rebuild the HTML from the stored results of SCALE, without retraining
+## rebuild the HTML from the stored results of SCALE, without retraining; FROM=<OUT_DIR of offline/run.sh> first
+## restores results/<scale> from the files a GPU host packed (their scale is the one they were run at)
 book-stored: $(VENV)/.installed
+ifdef FROM
+	$(PY) -m reflow_core offline unpack "$(FROM)" --build
+else
 	$(PY) -m reflow_core book --scale $(SCALE) --no-execute
+endif
+
+## offline/ (≤ 36 MiB, git-ignored) for one command on an offline GPU host: wheels for BUNDLE_PYTHON (the host's
+## Python: 3.12 for the common CUDA images), the `small` corpus as xz token shards, run.sh (README: "Running on an
+## offline GPU machine")
+BUNDLE_PYTHON ?= $(shell for p in $$(command -v python3.12) $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+                   "$$p" -c "" 2>/dev/null && { echo "$$p"; break; }; done)
+offline-bundle: $(VENV)/.installed corpora
+	@test -n "$(BUNDLE_PYTHON)" || { echo "offline-bundle: no python3.12 found; set BUNDLE_PYTHON=/path/to/python3.12"; exit 2; }
+	$(PY) -m reflow_core offline build --scale small --python "$(BUNDLE_PYTHON)" --out offline
 
 ## the tests: unit tests, then every notebook at scale=test, the book build and a headless browser
 test: $(VENV)/.installed browser
@@ -31,11 +45,17 @@ test: $(VENV)/.installed browser
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow"
 
-## Debian's chromium for the browser checks of the built book
+## Debian's chromium (and its chromedriver, for the Selenium tests) for the browser checks of the built book
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends chromium; fi; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+## the live steering panel for any prompt (Voilà) on 127.0.0.1: SCALE's trained reflow model (the test model, trained
+## in seconds, when SCALE has none yet); PORT=0 picks a free port; it prints the address, Ctrl-C stops it
+PORT ?= 0
+steer: $(VENV)/.installed
+	$(PY) -m reflow_core steer --scale $(SCALE) --port $(PORT)
 
 ## the Debian text packages that smoke-mix and small-mix read (reflow_core/data.py): ~109 MB of .debs, ~25 s on a
 ## 2-core bookworm machine with a warm apt list, nothing done when all are installed. dict-gcide pulls in dictd (a

@@ -175,7 +175,7 @@ def _now() -> str:
 
 def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: str | os.PathLike | None = None,
                       only: Sequence[str] | None = None, parameters: dict | None = None,
-                      log_output: bool = True, progress_bar: bool = False) -> dict:
+                      log_output: bool = True, progress_bar: bool = False, training: dict | None = None) -> dict:
     """Run the book's notebooks with papermill at ``scale``; return the run record (also written to ``RUN.json``).
 
     Each TOC notebook ``src`` is executed into ``<results_dir>/notebooks/<src.stem>.ipynb`` with the parameters
@@ -188,7 +188,9 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
 
     ``RUN.json`` holds the scale, start date, device, git commit (``-dirty`` if tracked files changed), and per
     chapter its status and wall seconds; ``run_seconds`` is this invocation's wall time, ``total_seconds`` the sum
-    over every stored chapter.
+    over every stored chapter. ``training`` (each run's wall seconds from :func:`reflow_core.runs.train_all`, when
+    the book trained its models before the chapters) is stored as ``training``, with its wall time as
+    ``training_seconds``; otherwise an earlier record's entry for the same scale is kept.
 
     A chapter executes into a temporary file that replaces ``<stem>.ipynb`` only when every cell ran. On a failing
     cell (or a dead kernel) the partial copy is kept as ``<stem>.failed.ipynb``, the stored copy of an earlier
@@ -221,6 +223,10 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
         "run_seconds": 0.0,
         "total_seconds": 0.0,
     }
+    if training is not None:
+        record["training"], record["training_seconds"] = training["runs"], training["seconds"]
+    elif previous.get("scale") == scale and "training" in previous:
+        record["training"], record["training_seconds"] = previous["training"], previous.get("training_seconds")
 
     def finish() -> None:
         record["run_seconds"] = round(time.perf_counter() - started, 2)
@@ -269,6 +275,7 @@ def execute_notebooks(scale: str, *, repo_root: str | os.PathLike, results_dir: 
             except BaseException:  # Ctrl-C (ChapterInterrupted): nothing of this execution is stored
                 running.unlink(missing_ok=True)
                 raise
+            _redact_outputs(running, dst, repo_root)
             os.replace(running, dst)
             failed_copy.unlink(missing_ok=True)  # the chapter is fixed: its old failure no longer describes it
             seconds = round(time.perf_counter() - t0, 2)
@@ -376,6 +383,21 @@ def _kill_all(pids: Sequence[int], wait_s: float = 5.0) -> None:
     while alive and time.monotonic() < deadline:
         alive = [p for p in alive if _running(p)]
         time.sleep(0.02)
+
+
+def _redact_outputs(notebook: Path, stored_as: Path, repo_root: Path) -> None:
+    """What a chapter printed (a command, a warning's file name, a log line) and papermill's input and output paths
+    name paths relative to the repository root and home or temp folders as ``~`` / ``$TMPDIR``, never this
+    machine's (:mod:`reflow_core.public_paths`). ``stored_as``: the name the executed copy is kept under."""
+    import nbformat
+
+    from reflow_core.public_paths import redact_notebook_outputs
+
+    nb = nbformat.read(notebook, as_version=4)
+    if isinstance(nb.metadata.get("papermill"), dict):
+        nb.metadata.papermill["output_path"] = str(stored_as)  # not the temporary file it was executed into
+    redact_notebook_outputs(nb, repo_root)
+    nbformat.write(nb, notebook)
 
 
 def _repo_relative(path: Path, repo_root: Path) -> str:
@@ -640,12 +662,14 @@ def build_html(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, *, stri
 def run_book(scale: str = "smoke", *, execute: bool = True, repo_root: str | os.PathLike | None = None,
              out_dir: str | os.PathLike | None = None, only: Sequence[str] | None = None,
              results_dir: str | os.PathLike | None = None, strict: bool = True,
-             progress_bar: bool = False) -> Path:
+             progress_bar: bool = False, train_first: bool = True) -> Path:
     """Execute (optionally), promote figures, stage and build the book at ``scale``; return ``index.html``.
 
     ``execute=False`` rebuilds from the notebooks stored in ``results/<scale>/notebooks`` (no kernel, no training).
     ``strict=False`` also lets a chapter whose last run failed be published as its earlier copy, under a warning.
     ``only`` executes just those chapters; the rest of the book is built from whatever is stored for the scale.
+    ``train_first`` (the whole book only): train every model the chapters use before the first chapter, several at
+    once where that is faster (:func:`reflow_core.runs.train_all`); the chapters then find them stored.
     The HTML lands in ``<out_dir>/_build/html`` (``out_dir`` defaults to the repository root).
     """
     scale_rank(scale)
@@ -656,8 +680,17 @@ def run_book(scale: str = "smoke", *, execute: bool = True, repo_root: str | os.
     t_all = time.perf_counter()
 
     if execute:
+        training = None
+        if train_first and not only:
+            from reflow_core.runs import train_all
+
+            t0 = time.perf_counter()
+            runs = train_all(scale, results)
+            times["train"] = time.perf_counter() - t0
+            training = {"runs": runs, "seconds": round(times["train"], 2)}
         t0 = time.perf_counter()
-        execute_notebooks(scale, repo_root=root, results_dir=results, only=only, progress_bar=progress_bar)
+        execute_notebooks(scale, repo_root=root, results_dir=results, only=only, progress_bar=progress_bar,
+                          training=training)
         times["execute"] = time.perf_counter() - t0
     elif not (results / "notebooks").is_dir() or not any((results / "notebooks").glob("*.ipynb")):
         raise BookError(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from reflow_core import tokenizer
 from reflow_core.hooks import encode_prompt, injected, last_logits
-from reflow_core.stimuli import sentiment_ids
+from reflow_core.stimuli import NOT_IN_VOCABULARY, sentiment_ids
 
 DIRECTION_KINDS = ("sentiment", "concept", "signal")
 
@@ -39,7 +39,7 @@ def sentiment_direction(model, positive: list[int] | None = None, negative: list
     """Mean embedding(positive) − mean embedding(negative), unit norm. For reFlow this is the mean recipe difference
     mapped to model space by W_basis (the embedding of a token is its recipe row times W_basis)."""
     if positive is None or negative is None:
-        positive, negative = sentiment_ids()
+        positive, negative = sentiment_ids(model.vocab)
     v = model.vocab.embed(torch.as_tensor(positive, device=model.device)).mean(0)
     v = v - model.vocab.embed(torch.as_tensor(negative, device=model.device)).mean(0)
     return (v / v.norm().clamp_min(1e-12)).detach()
@@ -47,6 +47,9 @@ def sentiment_direction(model, positive: list[int] | None = None, negative: list
 
 @torch.no_grad()
 def concept_direction(model, token_id: int) -> torch.Tensor:
+    """The unit embedding row of one token (refused for a token without a row of its own)."""
+    if not bool(model.vocab.has_own_row([token_id])[0]):
+        raise ValueError(f"{tokenizer.decode([token_id])!r} is {NOT_IN_VOCABULARY}")
     v = model.vocab.embed(torch.as_tensor([token_id], device=model.device))[0]
     return (v / v.norm().clamp_min(1e-12)).detach()
 
@@ -196,7 +199,7 @@ class SteeringPanel:
         self.word = W.Text(value=word, description="word", continuous_update=False)
         self.signal = W.BoundedIntText(value=signal, min=0, max=model.config.n_signals - 1, description="signal")
         self.text = W.HTML()
-        self.chart = W.Image(format="png")
+        self.chart = W.Image(format="png", layout=W.Layout(max_width="640px"))
         self.max_new_tokens, self.top_k = max_new_tokens, top_k
         self.last_result: SteeringOutput | None = None
         self.error: str | None = None
@@ -225,15 +228,18 @@ class SteeringPanel:
             return None
         self.error = None
         self.last_result = result
-        self.text.value = (
-            f"<p><b>steered:</b> {html.escape(result.spec['prompt'])}<b>{html.escape(result.continuation)}</b></p>"
-            f"<p><b>unsteered:</b> {html.escape(result.spec['prompt'])}{html.escape(result.baseline_continuation)}</p>"
-        )
         fig = plot_steering(result)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)
         self.chart.value = buf.getvalue()
+        self.text.value = (
+            f"<p><b>steered:</b> {html.escape(result.spec['prompt'])}<b>{html.escape(result.continuation)}</b></p>"
+            f"<p><b>unsteered:</b> {html.escape(result.spec['prompt'])}{html.escape(result.baseline_continuation)}</p>"
+            "<p class='reflow-next-tokens'><b>next token, steered:</b> "
+            + " · ".join(f"{html.escape(repr(t))} {p:.3g}" for t, p in zip(result.top_tokens[:5], result.top_probs[:5]))
+            + "</p>"
+        )
         return result
 
 

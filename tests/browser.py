@@ -12,6 +12,9 @@ proves nothing; set ``REFLOW_ALLOW_NO_BROWSER=1`` to skip instead (e.g. on a mac
 
 Every run gets a fresh profile and the flags that keep Chromium from phoning home (the book must work offline,
 and background fetches against a closed network only slow it down).
+
+Tests that interact with a page (drag a slider, pick from a dropdown, type a prompt) drive the same Chromium through
+Selenium and Debian's ``chromium-driver`` (:class:`webdriver`, :func:`require_chromedriver`).
 """
 
 from __future__ import annotations
@@ -124,3 +127,70 @@ def color_count(png: str | os.PathLike, *, limit: int = 4096) -> int:
 def is_blank(png: str | os.PathLike) -> bool:
     """True if the screenshot is a single flat colour (nothing rendered)."""
     return color_count(png, limit=2) < 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Selenium: pages a test clicks, types into and drags on (Debian's chromium-driver; `make browser` installs it)
+
+WEBDRIVER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio")
+CHROMEDRIVER_CANDIDATES = ("/usr/bin/chromedriver", "chromedriver")
+
+
+def require_chromedriver() -> str:
+    """The chromedriver path; otherwise fail the calling test (skip with ``REFLOW_ALLOW_NO_BROWSER=1``)."""
+    import pytest
+
+    for candidate in (os.environ.get("REFLOW_CHROMEDRIVER"), *CHROMEDRIVER_CANDIDATES):
+        found = candidate and shutil.which(candidate)
+        if found:
+            return found
+    message = ("chromedriver not found (looked for /usr/bin/chromedriver). Run `make test`, which installs the Debian "
+               "packages `chromium` and `chromium-driver`; set REFLOW_ALLOW_NO_BROWSER=1 to skip browser checks instead")
+    if os.environ.get("REFLOW_ALLOW_NO_BROWSER") == "1":
+        pytest.skip(message)
+    pytest.fail(message, pytrace=False)
+
+
+class webdriver:
+    """``with webdriver((1366, 900)) as d: d.get(url)`` — a Selenium Chrome driver on headless Debian Chromium with a
+    fresh profile and the flags that keep it off the network; the driver and the profile are gone afterwards."""
+
+    def __init__(self, window: tuple[int, int] = (1366, 900)) -> None:
+        self.window = window
+
+    def __enter__(self):
+        import pytest
+
+        try:  # a test extra (pyproject): missing means a broken install, not a reason to skip
+            from selenium import webdriver as wd
+            from selenium.webdriver.chrome.service import Service
+        except ImportError:
+            message = "selenium is not installed: pip install -e '.[test]' (`make test` does)"
+            if os.environ.get("REFLOW_ALLOW_NO_BROWSER") == "1":
+                pytest.skip(message)
+            pytest.fail(message, pytrace=False)
+        options = wd.ChromeOptions()
+        options.binary_location = require_chromium()
+        self.profile = tempfile.mkdtemp(prefix="reflow-selenium-")
+        for flag in (*WEBDRIVER_FLAGS, f"--user-data-dir={self.profile}",
+                     f"--window-size={self.window[0]},{self.window[1]}"):
+            options.add_argument(flag)
+        self.driver = wd.Chrome(service=Service(require_chromedriver()), options=options)
+        self.driver.set_page_load_timeout(120)
+        return self.driver
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.driver.quit()
+        finally:
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def keep_screenshot(png: str | os.PathLike) -> None:
+    """Copy a test's screenshot to ``$REFLOW_SCREENSHOT_DIR`` when that is set (to look at it after the run)."""
+    where = os.environ.get("REFLOW_SCREENSHOT_DIR")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(png, Path(where) / Path(png).name)

@@ -84,8 +84,8 @@ def nested_repo(tmp_path):
 
 
 def test_scales_are_ordered():
-    assert scales.SCALE_NAMES == ("test", "smoke", "small", "paper")
-    assert [scales.scale_rank(s) for s in scales.SCALE_NAMES] == [0, 1, 2, 3]
+    assert scales.SCALE_NAMES == ("test", "smoke", "small", "medium", "paper")
+    assert [scales.scale_rank(s) for s in scales.SCALE_NAMES] == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="unknown scale 'huge'"):
         scales.scale_rank("huge")
 
@@ -338,22 +338,6 @@ def test_cli_reports_errors_as_exit_code(nested_repo, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("reflow_core: error: BookError: no stored results for scale 'paper'")
     assert "Traceback" not in err
-
-
-def test_scorecard_rows_take_the_paper_side_from_the_registry(tmp_path):
-    from reflow_core import scorecard
-
-    row = scorecard.Row(claim_id="sae.kl", ours="-40%", verdict=scorecard.REPRODUCED, why="w", scale="test",
-                        checkpoint="c")
-    assert (row.source, row.paper) == ("SAE+NFM", "−51.6%")
-    scorecard.save_rows(tmp_path, "x", [row])
-    table = scorecard.scorecard_table(tmp_path)
-    assert table.set_index("claim_id").loc["sae.kl", "ours"] == "-40%"
-    assert (table["verdict"] == scorecard.NOT_YET).sum() == len(table) - 1  # every other claim shows as unmeasured
-    with pytest.raises(ValueError, match="'sae.typo' is not in assets/claims.json"):
-        scorecard.Row(claim_id="sae.typo", ours="", verdict=scorecard.REPRODUCED, why="", scale="", checkpoint="")
-    with pytest.raises(ValueError, match="verdict must be one of"):
-        scorecard.Row(claim_id="sae.kl", ours="", verdict="held", why="", scale="", checkpoint="")
 
 
 def test_glued_strings_show_without_quotes():
