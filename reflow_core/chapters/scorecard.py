@@ -20,7 +20,6 @@ import pandas as pd
 
 from reflow_core.chapters import ChapterResult
 from reflow_core.experiments import controls
-from reflow_core.runs import snapshot_dirs
 from reflow_core.scorecard import (FAMILY_ALPHA, INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, NOT_YET, REPRODUCED,
                                    VERDICTS, scorecard_table)
 
@@ -70,8 +69,10 @@ class Result(ChapterResult):
 
 
 def run(scale: str, results_dir) -> Result:
-    competence = {f: controls.training_controls(scale, f, results_dir) for f in FAMILIES
-                  if snapshot_dirs(scale, f, results_dir)}
+    # every snapshot of the run; a run kept without snapshots (trained before they existed, or with snapshots off)
+    # shows its final checkpoint alone
+    competence = {f: controls.training_controls(scale, f, results_dir)
+                  or [controls.trained_controls(scale, f, results_dir)] for f in FAMILIES}
     return Result(scale=scale, checkpoint="every chapter's own; competence: snapshots of the first seed",
                   table=scorecard_table(results_dir), competence=competence)
 
