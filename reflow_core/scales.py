@@ -73,7 +73,7 @@ def _budgets(name: str) -> dict:
             "bench": _BENCH.get(name, _BENCH_DEFAULT), "families": _FAMILIES.get(name, _FAMILIES_ALL)}
 
 
-SMOKE_STEPS = 800  # 1.64M tokens per model: what six models and every chapter fit in 45 minutes on 2 cores
+SMOKE_STEPS = 700  # 1.43M tokens per model: what six models and every chapter fit in 45 minutes on 2 cores
 
 SCALES: dict[str, Scale] = {
     "test": Scale(
