@@ -35,6 +35,9 @@ FAMILIES = ("reflow", "gpt2-new", "gpt2")
 PROMPTS = ("The capital of France is", "In 1905, Albert Einstein", "The king and the queen")
 COLOURS = {"reflow": "#4c72b0", "gpt2-new": "#dd8452", "gpt2": "#55a868"}
 SAMPLE_TOKENS = 24
+# greedy shows what a small model loops on; sampling (fixed seed, so the book is reproducible) shows the text it
+# assigns probability to, which greedy decoding hides
+DECODINGS = {"greedy": dict(temperature=0.0, top_k=None), "sampled (T = 0.8, top-40)": dict(temperature=0.8, top_k=40)}
 MIN_SEEDS_T = 3  # a t-interval over training seeds from this many seeds; fewer: the paired window bootstrap
 N_BOOT = 2000
 
@@ -209,9 +212,10 @@ def run(scale: str, results_dir=None, *, families=FAMILIES, nproc: int | None = 
     samples = []
     for family in families:
         for prompt in prompts:
-            text = sample(runs[family], prompt, max_new_tokens=SAMPLE_TOKENS, temperature=0.0, num_samples=1)[0]
-            samples.append({"model": family, "prompt": prompt,
-                            "continuation": text[len(prompt):] if text.startswith(prompt) else text})
+            for decoding, settings in DECODINGS.items():
+                text = sample(runs[family], prompt, max_new_tokens=SAMPLE_TOKENS, num_samples=1, **settings)[0]
+                samples.append({"model": family, "prompt": prompt, "decoding": decoding,
+                                "continuation": text[len(prompt):] if text.startswith(prompt) else text})
     checkpoint = ", ".join(f"{f}-seed{spec.seeds[0]}@step{summaries[f]['steps']}" for f in families)
     gap, claim_controls = None, {"training.scaling": scaling_control(scale)}
     if "reflow" in families and "gpt2-new" in families:
