@@ -38,7 +38,7 @@ from reflow_core.experiments.inception import batched_critical_alpha
 from reflow_core.scorecard import MET, MISSED, STRADDLES, Control, Row, combined, criterion, decide
 from reflow_core.steering import concept_direction
 from reflow_core.hooks import encode_prompt, injected, last_logits, n_states
-from reflow_core.stimuli import token_ids
+from reflow_core.stimuli import NOT_IN_VOCABULARY, token_ids
 
 SETS = ("short", "long")
 PAPER_DEPTH = 36
@@ -78,6 +78,7 @@ class BoundaryResult:
     native_answer: dict  # set -> (P,) bool: the model's own top-1 is the expected answer
     alpha_max_rel: float = 16.0  # the calibration searched α up to this × unit_norm
     boundary: dict = field(default_factory=dict)  # set -> (P,) float, nan = undefined
+    dropped: list = field(default_factory=list)  # pairs left out: answer or alternative without a row of its own
 
     def __post_init__(self) -> None:
         if not self.boundary:
@@ -175,6 +176,11 @@ def crystallisation_boundary(model, items: list[dict] | None = None, *, alpha: f
     2·P·(L+1) single forwards.
     """
     items = boundary_pairs() if items is None else items
+    # a compact vocabulary steers and reads only words with a row of their own: a pair whose answer or alternative
+    # has none is left out and reported, never silently mapped onto the shared tail row
+    own = model.vocab.has_own_row(token_ids([w for it in items for w in (it["answer"], it["alternative"])])[0])
+    dropped = [it for i, it in enumerate(items) if not (own[2 * i] and own[2 * i + 1])]
+    items = [it for it in items if it not in dropped]
     L1 = n_states(model)
     ans = token_ids([it["answer"] for it in items])[0]
     alt = token_ids([it["alternative"] for it in items])[0]
@@ -204,7 +210,7 @@ def crystallisation_boundary(model, items: list[dict] | None = None, *, alpha: f
                     flips[s][p, layer] = int(last_logits(model, idx).argmax(-1)) == alt[p]
     return BoundaryResult(items=items, n_layer=model.config.n_layer, alpha=alpha, unit_norm=unit, alpha0=alpha0,
                           flips=flips, native_alt=native_alt, native_answer=native_answer,
-                          alpha_max_rel=alpha_max_rel)
+                          alpha_max_rel=alpha_max_rel, dropped=dropped)
 
 
 def plot_boundary(result: BoundaryResult):
@@ -301,6 +307,8 @@ def scorecard_rows(result: BoundaryResult, scale: str, checkpoint: str, control:
                 ours=ours, verdict=decide(outcome, control),
                 why=(f"criterion: paired shift long − short above {crit['threshold']:g} with two-sided Wilcoxon "
                      f"signed-rank p < {crit['alpha']} over the pairs; missed when the bootstrap interval of the mean "
-                     f"shift lies at or below {crit['threshold']:g}; {len(result.items)} prompt pairs"),
+                     f"shift lies at or below {crit['threshold']:g}; {len(result.items)} prompt pairs"
+                     + (f" ({len(result.dropped)} more left out: answer or alternative {NOT_IN_VOCABULARY})"
+                        if result.dropped else "")),
                 scale=scale, checkpoint=checkpoint, control=control,
                 p_value=p if np.isfinite(p) else None)]
