@@ -252,13 +252,8 @@ class GPT(nn.Module):
         """Mean cross-entropy over GPT-2 ids of final-normed states ``h`` against ``targets`` (-1 = ignore), computed
         over the vocabulary's rows without the N×V logits: for a compact vocabulary a target without its own row is
         the tail row, plus log(tail size) (a constant, no gradient)."""
-        valid = targets >= 0
-        rows = torch.where(valid, self.vocab.rows_of(targets.clamp_min(0)), -1)
-        loss = linear_cross_entropy(*self.vocab.head(h), rows, ignore_index=-1)
-        if self.vocab.compact:
-            tail = (rows == self.vocab.compact) & valid
-            loss = loss + tail.sum() / valid.sum().clamp_min(1) * self.vocab.tail_log_size()
-        return loss
+        rows, tail_nats = self.vocab.row_targets(targets)
+        return linear_cross_entropy(*self.vocab.head(h), rows, ignore_index=-1) + tail_nats
 
     # -- the lens ------------------------------------------------------------------------------
     def signal_readout(self, h: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,8 @@ def reference_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor | Non
     logits = reference_logits(model, model.norm_final(x))
     if targets is None:
         return logits, None
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+    rows, tail_nats = model.vocab.row_targets(targets)  # a compact vocabulary's targets are rows (vocab/base.py)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), rows.reshape(-1), ignore_index=-1) + tail_nats
     return logits, loss
 
 

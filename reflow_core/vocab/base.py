@@ -74,6 +74,16 @@ class Vocab(nn.Module):
         """A per-row matrix (rows × …) as one row per GPT-2 id (V_real × …): tail ids share the tail row."""
         return rows[self.to_row] if self.compact else rows[: self.real_vocab_size]
 
+    def row_targets(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Targets over GPT-2 ids (-1 = ignore) as targets over rows, and what a mean cross-entropy over rows misses
+        of the one over ids: log(tail size) for each target on the tail row, averaged (0 for a full vocabulary)."""
+        valid = targets >= 0
+        rows = torch.where(valid, self.rows_of(targets.clamp_min(0)), -1)
+        if not self.compact:
+            return rows, 0.0
+        tail = (rows == self.compact) & valid
+        return rows, tail.sum() / valid.sum().clamp_min(1) * self.tail_log_size()
+
     def tail_log_size(self) -> float:
         """log of the number of ids that share the tail row (0 for a full vocabulary)."""
         return math.log(self.real_vocab_size - self.compact) if self.compact else 0.0
