@@ -87,3 +87,27 @@ def test_holm_leaves_verdicts_without_p_values_alone(tmp_path):
     scorecard.save_rows(tmp_path, "x", [row(claim_id="arch.params")])
     table = scorecard.scorecard_table(tmp_path).set_index("claim_id")
     assert table.loc["arch.params", "verdict"] == REPRODUCED
+
+
+def test_the_scorecard_chapter_reads_a_repository_relative_results_dir(tmp_path, monkeypatch):
+    """The book runner injects ``results_dir = "results/<scale>"`` and runs each notebook from notebooks/: the
+    chapter must read the rows the other chapters stored there, not an empty folder relative to its working
+    directory (every claim read "not yet measured" in the first smoke build with relative paths)."""
+    import shutil
+
+    from reflow_core.chapters import scorecard as chapter
+    from reflow_core.experiments import controls
+    from reflow_core.scales import REPO_ROOT
+
+    relative = "results/test/relative-results-dir-check"  # results/test/ is git-ignored
+    shutil.rmtree(REPO_ROOT / relative, ignore_errors=True)
+    try:
+        scorecard.save_rows(REPO_ROOT / relative, "posthoc", [row(REPRODUCED)])
+        fake = controls.ModelControls("x@final", {n: Control(n, True, "") for n in controls.MODEL_CONTROLS})
+        monkeypatch.setattr(controls, "training_controls", lambda *a, **k: [fake])
+        monkeypatch.chdir(tmp_path)  # like a notebook's working directory: not the repository root
+        result = chapter.run("test", relative)
+        verdicts = dict(zip(result.table["claim_id"], result.table["verdict"]))
+        assert verdicts["sae.kl"] == REPRODUCED
+    finally:
+        shutil.rmtree(REPO_ROOT / relative, ignore_errors=True)

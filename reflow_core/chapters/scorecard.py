@@ -20,6 +20,7 @@ import pandas as pd
 
 from reflow_core.chapters import ChapterResult
 from reflow_core.experiments import controls
+from reflow_core.scales import results_dir_for
 from reflow_core.scorecard import (FAMILY_ALPHA, INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, NOT_YET, REPRODUCED,
                                    VERDICTS, scorecard_table)
 
@@ -69,6 +70,7 @@ class Result(ChapterResult):
 
 
 def run(scale: str, results_dir) -> Result:
+    results_dir = results_dir_for(scale, results_dir)  # the notebook's parameter: "" or repository-relative
     # every snapshot of the run; a run kept without snapshots (trained before they existed, or with snapshots off)
     # shows its final checkpoint alone
     competence = {f: controls.training_controls(scale, f, results_dir)
