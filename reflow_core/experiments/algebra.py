@@ -133,6 +133,12 @@ def paper_ranks(result: AlgebraResult, *, only_c: bool = False) -> list[tuple[st
     return out
 
 
+def rank_text(rank: int | None) -> str:
+    """A paper analogy's rank as the text shows it; None: one of its words has no row of its own (compact
+    vocabulary), so it was not asked."""
+    return f"#{rank}" if rank is not None else "not in this vocabulary"
+
+
 def paper_hits(result: AlgebraResult, rank: int = HIT_RANK, *, only_c: bool = False) -> int:
     """How many of the paper's three analogies reach rank ≤ ``rank``."""
     return sum(1 for _, r, _ in paper_ranks(result, only_c=only_c) if r is not None and r <= rank)
@@ -224,7 +230,7 @@ def scorecard_rows(results: dict[str, list[AlgebraResult]], scale: str, checkpoi
     rs = results["reflow"]
     per_seed = [paper_ranks(r) for r in rs]
     hits = [paper_hits(r, rank) for r in rs]
-    ranks_txt = ", ".join("#" + "/".join(str(pr[i][1]) for pr in per_seed) for i in range(len(per_seed[0])))
+    ranks_txt = ", ".join("/".join(rank_text(pr[i][1]) for pr in per_seed) for i in range(len(per_seed[0])))
     mrr = seed_interval([r.mrr for r in rs])
     null = float(np.mean([r.null_mrr.mean() for r in rs]))
     p = max(r.p_value for r in rs)
