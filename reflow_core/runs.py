@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor  # train_all's runs are subprocesses: its threads only wait
 from pathlib import Path
 from typing import Sequence
 
@@ -68,14 +70,21 @@ def finished(summary: dict, config) -> bool:
     return summary.get("steps") == config.max_steps
 
 
-def ensure_model(scale: str, family: str, results_dir=None, seed: int | None = None, nproc: int | None = None):
-    """Train ``family`` at ``scale`` unless a finished run is already stored; return its summary."""
-    config = run_config(scale, family, results_dir, seed)
+def stored_run(config) -> dict | None:
+    """The summary of the finished run of ``config`` stored in its out_dir, or None."""
     summary_path = Path(config.out_dir) / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if finished(summary, config):
             return summary
+    return None
+
+
+def ensure_model(scale: str, family: str, results_dir=None, seed: int | None = None, nproc: int | None = None):
+    """Train ``family`` at ``scale`` unless a finished run is already stored; return its summary."""
+    config = run_config(scale, family, results_dir, seed)
+    if (summary := stored_run(config)) is not None:
+        return summary
     ensure_data(scale)
     return launch(config, nproc=nproc)
 
@@ -88,9 +97,6 @@ def train_all(scale: str, results_dir=None, *, parallel: int | None = None) -> d
     busy far better than they share two (the book's smoke note measures both), and the runs are independent. On
     CUDA, one run at a time. Under a time budget the reference run (reFlow, first seed) trains first, alone, because
     it fixes every other run's steps (:func:`run_config`)."""
-    from concurrent.futures import ThreadPoolExecutor  # runs are subprocesses: threads here only wait on them
-    import time
-
     cuda = eval_device(scale) == "cuda"
     if parallel is None:
         parallel = 1 if cuda else max(1, os.cpu_count() or 1)
@@ -101,11 +107,9 @@ def train_all(scale: str, results_dir=None, *, parallel: int | None = None) -> d
         family, seed = run
         t0 = time.perf_counter()
         config = run_config(scale, family, results_dir, seed)
-        summary_path = Path(config.out_dir) / "summary.json"
-        if summary_path.exists() and finished(json.loads(summary_path.read_text()), config):
+        if stored_run(config) is not None:
             seconds[f"{family}-seed{seed}"] = 0.0
             return
-        ensure_data(scale)
         if parallel > 1:
             config = config.replace(threads=max(1, (os.cpu_count() or 1) // parallel))
         launch(config, echo=lambda line: print(f"[{family}-seed{seed}] {line}", flush=True))
