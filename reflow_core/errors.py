@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import traceback
 from typing import Callable
 
@@ -50,6 +51,11 @@ def run_command(func: Callable[[], object]) -> int:
     one, e.g. which chapter stopped), exit 130.  Anything else is a bug: traceback plus a marked line, exit 1.
     A command that returns an int exits with it; any other result means success.
     """
+    if threading.current_thread() is threading.main_thread():
+        # a command started in the background of a non-interactive shell (or by a program that ignores SIGINT)
+        # inherits SIGINT as ignored, and Python then raises no KeyboardInterrupt: a SIGINT sent to stop it would
+        # be lost and the run would go on. Every command stops on SIGINT, however it was started.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = func()
     except UserError as e:

@@ -452,9 +452,12 @@ def test_ctrl_c_during_the_book_prints_one_line_and_leaves_no_process(tmp_path):
 def test_ctrl_c_during_training_prints_one_line_and_frees_the_folder(tiny_data, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(tiny_data, out, max_steps=100_000, ckpt_interval=5).to_json(tmp_path / "c.json")
+    # started with SIGINT ignored, as a background job of a non-interactive shell is (a CI runner's, say): the
+    # command must still stop on SIGINT
     proc = subprocess.Popen([sys.executable, "-m", "reflow_core", "train", "--config", str(config)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, ENV_PROGRESS: "lines"})
+                            env={**os.environ, ENV_PROGRESS: "lines"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.time() + 120
         while not (out / "ckpt").is_dir():
