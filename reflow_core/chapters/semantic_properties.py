@@ -75,6 +75,7 @@ class Result(ChapterResult):
         # Typo Resilience
         t0 = ty["reflow"][0]
         p["typo_n"] = len(t0.pairs)
+        p["typo_listed"] = len(typo.typo_pairs()[0])
         p["typo_split"] = f"{100 * np.mean([n > 1 for n in t0.n_typo_tokens]):.0f}%"
         for name, tag in TAGS:
             for m in typo.MEASURES:
