@@ -48,6 +48,15 @@ def eval_device(scale: str) -> str:
     return choice
 
 
+def run_threads(position: int, n_runs: int, parallel: int, cores: int) -> int:
+    """Threads for the run at ``position`` of ``n_runs`` trained ``parallel`` at a time on ``cores``. Runs of one
+    scale take about the same time, so they go in waves of ``parallel``; the cores are shared by the runs of a wave,
+    and a last wave with fewer runs splits them among those, so an odd last run does not train on one core beside an
+    idle one."""
+    wave_start = position // parallel * parallel
+    return max(1, cores // min(parallel, n_runs - wave_start))
+
+
 def run_config(scale: str, family: str, results_dir=None, seed: int | None = None):
     """The TrainConfig of one run at ``scale``. Under a time budget (``time_budget_s``), only the reference run
     (reFlow, first seed) sizes its steps from its measured throughput; every other family and seed trains exactly
@@ -93,7 +102,8 @@ def train_all(scale: str, results_dir=None, *, parallel: int | None = None) -> d
     """Train every run the book needs at ``scale`` (each family of :func:`scales.trained_families` at each seed) that
     is not already stored, ``parallel`` runs at a time; returns each run's wall seconds (0 when it was stored).
 
-    On the CPU, ``parallel`` defaults to the number of cores, each run on one thread: the runs are independent, and
+    On the CPU, ``parallel`` defaults to the number of cores, each run on one thread (a last, smaller wave shares them:
+    :func:`run_threads`): the runs are independent, and
     models this small use a core each better than they share two (reflow@smoke on 2 cores: two one-thread runs
     2,970 + 2,921 tok/s, one two-thread run 5,371 tok/s). On CUDA, one run at a time. Under a time budget the reference run (reFlow, first seed) trains first, alone, because
     it fixes every other run's steps (:func:`run_config`)."""
@@ -103,15 +113,15 @@ def train_all(scale: str, results_dir=None, *, parallel: int | None = None) -> d
     runs = [(f, s) for f in trained_families(scale) for s in get_scale(scale).seeds]
     seconds: dict[str, float] = {}
 
-    def one(run: tuple[str, int]) -> None:
+    def one(run: tuple[str, int], threads: int | None = None) -> None:
         family, seed = run
         t0 = time.perf_counter()
         config = run_config(scale, family, results_dir, seed)
         if stored_run(config) is not None:
             seconds[f"{family}-seed{seed}"] = 0.0
             return
-        if parallel > 1:
-            config = config.replace(threads=max(1, (os.cpu_count() or 1) // parallel))
+        if parallel > 1 and threads is not None:
+            config = config.replace(threads=threads)
         launch(config, echo=lambda line: print(f"[{family}-seed{seed}] {line}", flush=True))
         seconds[f"{family}-seed{seed}"] = round(time.perf_counter() - t0, 1)
 
@@ -120,7 +130,8 @@ def train_all(scale: str, results_dir=None, *, parallel: int | None = None) -> d
         one(runs.pop(0))  # the reference run: (REFERENCE_FAMILY, first seed)
     pool = ThreadPoolExecutor(max_workers=parallel)
     try:
-        for future in [pool.submit(one, run) for run in runs]:
+        cores = os.cpu_count() or 1
+        for future in [pool.submit(one, run, run_threads(i, len(runs), parallel, cores)) for i, run in enumerate(runs)]:
             future.result()
     except BaseException:  # Ctrl-C (seen by this thread only) or a failed run: stop the others, queue nothing more
         pool.shutdown(wait=False, cancel_futures=True)

@@ -169,6 +169,14 @@ def test_small_and_medium_are_sized_by_time():
     assert scales.trained_families("test") == scales.trained_families("medium")
 
 
+def test_parallel_runs_share_the_cores_and_a_lone_last_run_takes_them_all():
+    # smoke on 2 cores: three runs, two at a time -> the pair on a core each, the third alone on both
+    assert [runs.run_threads(i, 3, 2, 2) for i in range(3)] == [1, 1, 2]
+    assert [runs.run_threads(i, 4, 2, 2) for i in range(4)] == [1, 1, 1, 1]
+    assert [runs.run_threads(i, 5, 2, 16) for i in range(5)] == [8, 8, 8, 8, 16]
+    assert runs.run_threads(0, 1, 1, 2) == 2
+
+
 def test_the_scales_device_and_its_override(monkeypatch):
     monkeypatch.delenv(runs.ENV_EVAL_DEVICE, raising=False)
     assert runs.eval_device("small") == ("cuda" if torch.cuda.is_available() else "cpu")
