@@ -111,3 +111,17 @@ def test_the_scorecard_chapter_reads_a_repository_relative_results_dir(tmp_path,
         assert verdicts["sae.kl"] == REPRODUCED
     finally:
         shutil.rmtree(REPO_ROOT / relative, ignore_errors=True)
+
+
+def test_controls_of_snapshots_an_earlier_run_left_are_dropped(tmp_path):
+    """A 700-step record rebuilt at 1,100 steps kept 'reflow-seed1337@step-000700.json' beside the new snapshots'
+    controls: the record must hold only checkpoints that exist."""
+    from reflow_core.experiments import controls
+
+    names = ["reflow-seed1337@step-000700.json", "reflow-seed1337@step-000800.json", "reflow-seed1337@final.json",
+             "gpt2-new-seed1337@step-000700.json"]
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    gone = controls.drop_stale_snapshot_controls(tmp_path, "reflow-seed1337", ["step-000800", "step-001100"])
+    assert [p.name for p in gone] == ["reflow-seed1337@step-000700.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])  # other runs and @final untouched

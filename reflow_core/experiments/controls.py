@@ -352,9 +352,21 @@ def training_controls(scale: str, family: str, results_dir=None, *, seed: int | 
     """The model-level controls at every snapshot of ``family``'s run (step order), for the competence figure."""
     run = checkpoint_dir(scale, family, results_dir, seed)
     cache = results_dir_for(scale, results_dir) / "data" / "controls"
+    snapshots = snapshot_dirs(scale, family, results_dir, seed)
+    drop_stale_snapshot_controls(cache, run.name, [snap.name for snap in snapshots])
     return [checkpoint_controls(snap, f"{run.name}@{snap.name}", data_dir_for(scale), cache,
                                 block_size=get_scale(scale).train.get("block_size"))
-            for snap in snapshot_dirs(scale, family, results_dir, seed)]
+            for snap in snapshots]
+
+
+def drop_stale_snapshot_controls(cache_dir: Path, run_name: str, snapshot_names: list[str]) -> list[Path]:
+    """Delete the cached controls of ``run_name``'s snapshots that its run no longer has (an earlier run with other
+    steps left them), so the record's ``data/controls`` holds only checkpoints that exist; returns what went."""
+    keep = {f"{run_name}@{name}.json" for name in snapshot_names}
+    stale = [p for p in Path(cache_dir).glob(f"{run_name}@step-*.json") if p.name not in keep]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def any_model(controls: dict[str, Control], name: str) -> Control:
