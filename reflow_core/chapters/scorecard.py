@@ -157,10 +157,10 @@ def plot(result: Result) -> dict:
     handles = [plt.Line2D([], [], marker="o", ls="", color="#2a9d55", label="control passed"),
                plt.Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor="#b03a2e",
                           label="control failed")]
-    axes[0, -1].legend(handles=handles, fontsize=8, loc="lower right")
     fig.suptitle(f"When does a claim become testable? Positive controls over training (scale {result.scale})",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room below the panels for the legend, which would cover the last points
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=2, frameon=False)
     return figures | {"fig-scorecard-competence": fig}
 
 
