@@ -103,10 +103,10 @@ def train_all(scale: str, results_dir=None, *, parallel: int | None = None) -> d
     is not already stored, ``parallel`` runs at a time; returns each run's wall seconds (0 when it was stored).
 
     On the CPU, ``parallel`` defaults to the number of cores, each run on one thread (a last, smaller wave shares them:
-    :func:`run_threads`): the runs are independent, and
-    models this small use a core each better than they share two (reflow@smoke on 2 cores: two one-thread runs
-    2,970 + 2,921 tok/s, one two-thread run 5,371 tok/s). On CUDA, one run at a time. Under a time budget the reference run (reFlow, first seed) trains first, alone, because
-    it fixes every other run's steps (:func:`run_config`)."""
+    :func:`run_threads`): the runs are independent, and models this small use a core each better than they share two
+    (reflow@smoke on 2 cores: two one-thread runs 2,970 + 2,921 tok/s, one two-thread run 5,371 tok/s). On CUDA, one
+    run at a time. Under a time budget the reference run (reFlow, first seed) trains first, alone, because it fixes
+    every other run's steps (:func:`run_config`)."""
     cuda = eval_device(scale) == "cuda"
     if parallel is None:
         parallel = 1 if cuda else max(1, os.cpu_count() or 1)

@@ -65,7 +65,8 @@ class Result(ChapterResult):
             p[f"alg_mrr{tag}"] = fmt_group(al, name, lambda r: r.mrr, ".3f")
             p[f"alg_hits1{tag}"] = fmt_group(al, name, lambda r: r.hits(1), ".2f")
             p[f"alg_hits5{tag}"] = fmt_group(al, name, lambda r: r.hits(5), ".2f")
-            p[f"alg_paper_ranks{tag}"] = (", ".join(algebra.rank_text(rank) for _, rank, _ in algebra.paper_ranks(al[name][0]))
+            p[f"alg_paper_ranks{tag}"] = (", ".join(algebra.rank_text(rank)
+                                                    for _, rank, _ in algebra.paper_ranks(al[name][0]))
                                           if name in al else "— (not run)")
         p["alg_mrr_onlyc"] = seed_interval([r.mrr_only_c for r in al["reflow"]]).fmt(".3f")
         p["alg_mrr_null"] = f"{np.mean([r.null_mrr.mean() for r in al['reflow']]):.4f}"
